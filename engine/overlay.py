@@ -1,0 +1,61 @@
+"""Software overlay of the fitted mesh on a frame (for `facestream track`; the live server renders
+with moderngl instead). Front-facing vertices are splatted as shaded dots coloured by PRDL part."""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.face_model import FaceModel
+from engine.geometry import FLIP, Camera
+from engine.messages import FaceState
+
+PART_COLOURS = np.array([
+    (80, 160, 255), (80, 160, 255),  # eyes
+    (255, 200, 60), (255, 200, 60),  # brows
+    (255, 80, 120), (200, 60, 200),  # upper / lower lip
+    (90, 220, 120),                  # nose
+    (200, 200, 200),                 # skin
+], dtype=np.float32)
+UNLABELLED = np.array((150, 150, 150), np.float32)
+
+
+class MeshOverlay:
+    def __init__(self, model: FaceModel, alpha: float = 0.55):
+        self.model = model
+        self.alpha = alpha
+        labels = model.part_labels
+        self.colours = np.where(labels[:, None] >= 0, PART_COLOURS[np.clip(labels, 0, None)], UNLABELLED)
+        self.normals = _vertex_normals(model.vertices(np.zeros(model.n_id), np.zeros(model.n_exp)), model.faces)
+
+    def draw(self, rgb: np.ndarray, state: FaceState, camera: Camera) -> np.ndarray:
+        out = rgb.copy()
+        if not state.face:
+            return out
+        rc = FLIP @ state.rotation
+        verts = self.model.vertices(state.identity, state.expression) @ rc.T + state.translation_cm
+        normals = self.normals @ rc.T
+        view = -verts / np.linalg.norm(verts, axis=1, keepdims=True)
+        facing = (normals * view).sum(1)
+        uv = camera.project(verts)
+        h, w = rgb.shape[:2]
+        x, y = np.round(uv[:, 0]).astype(int), np.round(uv[:, 1]).astype(int)
+        keep = (facing > 0.05) & (x >= 0) & (x < w) & (y >= 0) & (y < h)
+        # draw far to near so nearer vertices win where they overlap
+        order = np.argsort(-verts[keep, 2])
+        xs, ys = x[keep][order], y[keep][order]
+        shade = (0.35 + 0.65 * facing[keep][order])[:, None]
+        colour = self.colours[keep][order] * shade
+        base = out[ys, xs].astype(np.float32)
+        out[ys, xs] = np.clip((1 - self.alpha) * base + self.alpha * colour, 0, 255).astype(np.uint8)
+        if state.landmarks68 is not None:
+            for px, py in np.round(state.landmarks68).astype(int):
+                out[max(py - 1, 0):py + 2, max(px - 1, 0):px + 2] = (255, 40, 40)
+        return out
+
+
+def _vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    tri = verts[faces]
+    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    vn = np.zeros_like(verts)
+    for k in range(3):
+        np.add.at(vn, faces[:, k], fn)
+    return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-9)

@@ -1,0 +1,181 @@
+"""One video's per-frame path: detect (when needed) -> landmarks -> regress -> filter.
+
+The tracker keeps per-video state only: the region of interest from the last frame, the identity
+estimated over the first frames, the previous fit (warm start) and the temporal filters.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.arkit import ict_to_arkit
+from engine.detection import FaceDetector
+from engine.face_model import FaceModel
+from engine.filters import OneEuroFilter
+from engine.fitting import FitResult
+from engine.geometry import FLIP, Camera, DEFAULT_HFOV_DEG, euler_to_matrix, matrix_to_euler, matrix_to_quat
+from engine.landmarks import Landmarker
+from engine.messages import FaceState
+from engine.networks.preprocess import Roi, roi_from_detection, roi_from_landmarks
+from engine.regressor import Regressor
+
+
+@dataclass
+class TrackerConfig:
+    hfov_deg: float = DEFAULT_HFOV_DEG  # camera field of view when intrinsics are unknown
+    detect_every: int = 30  # re-run the detector every N frames even while tracking (0 = only when lost)
+    presence_threshold: float = 0.5  # landmark network face-presence probability
+    identity_frames: int = 30  # frames (near-frontal) that refine the identity before it is held
+    identity_max_angle_deg: float = 25.0
+    filter_pose_min_cutoff: float = 1.0  # One-Euro, Hz
+    filter_pose_beta: float = 0.05
+    filter_exp_min_cutoff: float = 2.0
+    filter_exp_beta: float = 4.0
+    filter: bool = True
+
+
+class Tracker:
+    def __init__(self, detector: FaceDetector, landmarker: Landmarker, regressor: Regressor, model: FaceModel,
+                 config: TrackerConfig | None = None, camera: Camera | None = None):
+        self.detector = detector
+        self.landmarker = landmarker
+        self.regressor = regressor
+        self.model = model
+        self.config = config or TrackerConfig()
+        self.fixed_camera = camera
+        self.identity = np.zeros(model.n_id)
+        self.identity_samples = 0
+        self.reset_track()
+
+    # ------------------------------------------------------------------ state
+    def reset_track(self) -> None:
+        """Forget the face's position (not its identity): the next frame runs the detector."""
+        self.roi: Roi | None = None
+        self.previous: FitResult | None = None
+        self.frames_since_detect = 0
+        self.f_pose = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
+        self.f_trans = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
+        self.f_exp = OneEuroFilter(self.config.filter_exp_min_cutoff, self.config.filter_exp_beta)
+
+    @property
+    def identity_locked(self) -> bool:
+        return self.identity_samples >= self.config.identity_frames
+
+    def camera_for(self, width: int, height: int) -> Camera:
+        cam = self.fixed_camera
+        if cam is not None and (cam.width, cam.height) == (width, height):
+            return cam
+        return Camera.from_fov(width, height, self.config.hfov_deg)
+
+    # ------------------------------------------------------------------ per frame
+    def process(self, rgb: np.ndarray, frame_index: int, pts: float | None = None,
+                ts_capture: float | None = None, t_seconds: float | None = None) -> FaceState:
+        """Track one RGB frame (H, W, 3 uint8). t_seconds drives the filters (default: pts or wall clock)."""
+        t_start = time.perf_counter()
+        ts_capture = time.time() * 1000.0 if ts_capture is None else ts_capture
+        state = FaceState(frame=frame_index, pts=pts, ts_capture=ts_capture)
+        timings = state.timings_ms
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 16:
+            raise ValueError(f"expected an RGB uint8 frame of at least 16x16, got {rgb.dtype} {rgb.shape}")
+        h, w = rgb.shape[:2]
+        image = self.landmarker.to_tensor(rgb)
+
+        need_detect = self.roi is None or (self.config.detect_every > 0
+                                           and self.frames_since_detect >= self.config.detect_every)
+        roi = self._detect(rgb, timings) if need_detect else self.roi
+        points, score = self._landmarks(image, roi, timings)
+        if score < self.config.presence_threshold and not need_detect:
+            # the tracked ROI lost the face (fast motion, occlusion): one detector retry this frame
+            self.roi = None
+            roi = self._detect(rgb, timings)
+            points, score = self._landmarks(image, roi, timings)
+        if score < self.config.presence_threshold:
+            self.reset_track()
+            state.score = float(score)
+            timings["total"] = (time.perf_counter() - t_start) * 1e3
+            return state
+        self.frames_since_detect += 1
+
+        t0 = time.perf_counter()
+        camera = self.camera_for(w, h)
+        fit_identity = not self.identity_locked and self._near_frontal()
+        reg = self.regressor.regress(points, camera, self.identity, self.previous, fit_identity=fit_identity)
+        fit = reg.fit
+        if fit_identity:
+            self.identity_samples += 1
+            self.identity += (fit.identity - self.identity) / self.identity_samples  # running mean
+        self.previous = fit
+        timings["regress"] = (time.perf_counter() - t0) * 1e3
+
+        t0 = time.perf_counter()
+        t_s = t_seconds if t_seconds is not None else (pts if pts is not None else time.time())
+        rot_model = FLIP @ fit.rotation_cam
+        euler = np.array(matrix_to_euler(rot_model))
+        translation = fit.translation
+        expression = fit.expression
+        if self.config.filter:
+            euler = self.f_pose(euler, t_s)
+            translation = self.f_trans(translation, t_s)
+            expression = np.clip(self.f_exp(expression, t_s), 0.0, 1.0)
+        rot_model = euler_to_matrix(*euler)
+        self.roi = roi_from_landmarks(points[:, :2])
+        timings["filter"] = (time.perf_counter() - t0) * 1e3
+
+        state.face = True
+        state.score = float(score)
+        state.expression = expression
+        state.blendshapes = ict_to_arkit(expression)
+        state.rotation = rot_model
+        state.euler_deg = tuple(float(v) for v in euler)
+        state.quat = matrix_to_quat(rot_model)
+        state.translation_cm = np.asarray(translation, np.float64)
+        state.gaze_deg = reg.gaze
+        state.landmarks = points
+        state.identity = self.identity.copy() if self.identity_locked else fit.identity
+        state.landmarks68 = self.project_points(self.model.landmarks68(state.identity, expression), state, camera)
+        timings["total"] = (time.perf_counter() - t_start) * 1e3
+        return state
+
+    # ------------------------------------------------------------------ helpers
+    def _detect(self, rgb: np.ndarray, timings: dict) -> Roi | None:
+        t0 = time.perf_counter()
+        detections = self.detector(rgb)
+        timings["detect"] = timings.get("detect", 0.0) + (time.perf_counter() - t0) * 1e3
+        self.frames_since_detect = 0
+        return self._pick_roi(detections, rgb.shape[1], rgb.shape[0]) if detections else None
+
+    def _landmarks(self, image, roi: Roi | None, timings: dict) -> tuple[np.ndarray | None, float]:
+        if roi is None:
+            return None, 0.0
+        t0 = time.perf_counter()
+        points, score = self.landmarker(image, roi)
+        timings["landmarks"] = timings.get("landmarks", 0.0) + (time.perf_counter() - t0) * 1e3
+        return points, score
+
+    def _pick_roi(self, detections, w: int, h: int) -> Roi:
+        """The most confident detection becomes the ROI; while tracking, the detection nearest the
+        tracked face is used, and if it agrees with the landmark ROI that ROI is kept (it is tighter)."""
+        if self.roi is None:
+            return roi_from_detection(max(detections, key=lambda d: d.score), w, h)
+        cx, cy = self.roi.cx, self.roi.cy
+        near = min(detections, key=lambda d: (0.5 * (d.box[0] + d.box[2]) - cx) ** 2
+                   + (0.5 * (d.box[1] + d.box[3]) - cy) ** 2)
+        dx, dy = 0.5 * (near.box[0] + near.box[2]) - cx, 0.5 * (near.box[1] + near.box[3]) - cy
+        if (dx * dx + dy * dy) ** 0.5 < 0.25 * self.roi.w:
+            return self.roi
+        return roi_from_detection(near, w, h)
+
+    def _near_frontal(self) -> bool:
+        if self.previous is None:
+            return False  # the first fit of a track is too rough to teach the identity
+        yaw, pitch, _ = matrix_to_euler(FLIP @ self.previous.rotation_cam)
+        lim = self.config.identity_max_angle_deg
+        return abs(yaw) < lim and abs(pitch) < lim
+
+    @staticmethod
+    def project_points(points_model: np.ndarray, state: FaceState, camera: Camera) -> np.ndarray:
+        """Model-frame points (cm) -> image pixels with the state's (filtered) pose."""
+        pc = points_model @ (FLIP @ state.rotation).T + state.translation_cm
+        return camera.project(pc)

@@ -1,0 +1,78 @@
+"""End-to-end tracking on the shared real media: faces found, values valid, blinks visible, no-face
+video stays face: false, every message validates against the shipped JSON Schema."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from engine.arkit import ARKIT_NAMES
+from engine.media import MediaSource
+from engine.messages import build_message, validate_message
+
+from conftest import media_path
+
+
+def track(pack, name: str, max_frames: int | None = None, **config):
+    from engine.tracker import TrackerConfig
+
+    tracker = pack.tracker(TrackerConfig(**config))
+    states = []
+    for frame in itertools.islice(MediaSource(media_path(name)).frames(), max_frames):
+        states.append(tracker.process(frame.rgb, frame.index, pts=frame.pts, t_seconds=frame.pts))
+    return states
+
+
+@pytest.mark.parametrize("name", ["liveportrait_d0.mp4", "liveportrait_d10.mp4", "sadtalker_WDA_KatieHill_000.mp4",
+                                  "pcavs_vox_620900105.mp4"])
+def test_face_found_on_video_frames_with_valid_messages(pack, name):
+    states = track(pack, name, max_frames=60)
+    found = sum(s.face for s in states)
+    assert found >= 0.95 * len(states), f"face found on {found}/{len(states)} frames of {name}"
+    for s in states:
+        msg = build_message(s, "test", include_landmarks68=True)
+        validate_message(msg)
+        if s.face:
+            assert list(msg["blendshapes"]) == list(ARKIT_NAMES)
+            assert all(0.0 <= v <= 1.0 for v in msg["blendshapes"].values())
+            assert len(msg["landmarks68"]) == 68
+            assert 0.1 < msg["head"]["translation_m"][2] < 3.0  # the head is in front of the camera
+            assert set(msg["timing_ms"]) >= {"landmarks", "regress", "total"}
+
+
+def test_no_face_video_is_face_false_throughout(pack):
+    states = track(pack, "no_face.mp4")
+    assert states, "no_face.mp4 decoded no frames"
+    assert not any(s.face for s in states)
+    for s in states:
+        validate_message(build_message(s, "test"))
+
+
+def test_fitted_landmarks_follow_the_network_landmarks(pack):
+    """The fitted mesh's 68 points land near the face the network saw (within 6% of face size)."""
+    states = [s for s in track(pack, "liveportrait_d0.mp4", max_frames=40) if s.face]
+    errs = []
+    for s in states:
+        lm = s.landmarks[:468, :2]
+        size = np.ptp(lm[:, 0]) + np.ptp(lm[:, 1])
+        # MediaPipe's points nearest to the fitted 68 points
+        d = np.linalg.norm(s.landmarks68[:, None, :] - lm[None], axis=2).min(1)
+        errs.append(np.median(d) / size)
+    assert np.median(errs) < 0.06, f"median fitted-to-network distance {np.median(errs):.3f} of face size"
+
+
+def test_blink_shows_as_a_peak_of_eye_blink(pack):
+    states = track(pack, BLINK_VIDEO[0])
+    blink = np.array([[s.blendshapes[ARKIT_NAMES.index("eyeBlinkLeft")],
+                       s.blendshapes[ARKIT_NAMES.index("eyeBlinkRight")]] if s.face else [np.nan, np.nan]
+                      for s in states])
+    lo, hi = BLINK_VIDEO[1]
+    during = np.nanmax(blink[lo:hi].mean(1))
+    baseline = np.nanmedian(blink.mean(1))
+    assert during > baseline + 0.35, f"blink peak {during:.2f} vs baseline {baseline:.2f}"
+
+
+# A video where the person closes both eyes, and the frame range of the closure (found by looking at
+# the frames; see docs/BENCHMARKS.md for the curves).
+BLINK_VIDEO = ("liveportrait_d3.mp4", (0, 354))
