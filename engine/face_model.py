@@ -96,6 +96,9 @@ class FaceModel:
             np.concatenate([self.id_basis, self.exp_basis], 0).reshape(self.n_id + self.n_exp, -1))
         self._mean = np.ascontiguousarray(self.neutral.reshape(-1))
         self._full_basis = None
+        nf3 = self.n_face_vertices * 3
+        assert not np.any(self._basis[self.n_id:, nf3:]), "expressions move eyeball vertices"
+        self._exp_face_basis = np.ascontiguousarray(self._basis[self.n_id:, :nf3])
 
         ranges = dict(zip(self.region_names, self.region_vertex_ranges))
         remap = np.full(len(self._full_neutral), -1, np.int64)
@@ -171,6 +174,11 @@ class FaceModel:
         """The 478 landmarks of an already computed tracking mesh (..., V, 3), e.g. after gaze rotation."""
         return self._at_landmarks(np.asarray(verts))
 
+    def with_identity(self, id_coeffs=None) -> "IdentityFace":
+        """A view with the identity frozen (as after calibration): per-frame evaluation then needs only
+        the 53 expression rows over the face-region vertices (eyeballs do not move with expressions)."""
+        return IdentityFace(self, id_coeffs)
+
     # ------------------------------------------------------------ full head (rendering)
     @property
     def full_neutral(self) -> np.ndarray:
@@ -216,9 +224,9 @@ class FaceModel:
         Ry = np.stack([np.stack([cy + zero, zero, sy + zero], -1),
                        np.stack([zero, one, zero], -1),
                        np.stack([-sy + zero, zero, cy + zero], -1)], -2)
-        Rx = np.stack([np.stack([one, zero, zero], -1),
-                       np.stack([zero, cp + zero, -sp + zero], -1),
-                       np.stack([zero, sp + zero, cp + zero], -1)], -2)
+        Rx = np.stack([np.stack([one, zero, zero], -1),  # rotation by -pitch about +x: forward tilts up
+                       np.stack([zero, cp + zero, sp + zero], -1),
+                       np.stack([zero, -sp + zero, cp + zero], -1)], -2)
         return Ry @ Rx
 
     def eyeball_rotate(self, verts: np.ndarray, yaw, pitch, id_coeffs=None, landmarks=None):
@@ -249,3 +257,51 @@ class FaceModel:
                 ids = list(IRIS_LANDMARKS[side])
                 lm[..., ids, :] = (lm[..., ids, :] - ck) @ np.swapaxes(Rk, -1, -2) + ck
         return verts if lm is None else (verts, lm)
+
+
+class IdentityFace:
+    """``FaceModel`` with fixed identity coefficients (see ``FaceModel.with_identity``).
+
+    ``vertices(exp)``, ``landmarks(exp)``, ``landmarks68(exp)`` equal the model's functions with this
+    identity, at about a third of the memory traffic per call. Holds no other state.
+    """
+
+    def __init__(self, model: FaceModel, id_coeffs=None):
+        self.model = model
+        ident = np.zeros(model.n_id, np.float32) if id_coeffs is None else _coeffs(id_coeffs, model.n_id, "identity")
+        if ident.ndim != 1:
+            raise ValueError("with_identity takes one identity vector (100,)")
+        self.id_coeffs = ident.copy()
+        self.base = (model._mean + ident @ model._basis[: model.n_id]).reshape(-1, 3)
+        self._base_flat = self.base.reshape(-1)
+        self._nf3 = model.n_face_vertices * 3
+        self.lm_base = model.lm_neutral + np.tensordot(ident, model.lm_id, 1)
+        self.lm68_base = model.lm68_neutral + (ident @ model._lm68_basis[: model.n_id]).reshape(68, 3)
+        self.eye_centres = model.eye_centres_for(ident)
+        for a in (self.base, self.lm_base, self.lm68_base):
+            a.setflags(write=False)
+
+    def vertices(self, exp_coeffs=None) -> np.ndarray:
+        m = self.model
+        if exp_coeffs is None:
+            return self.base.copy()
+        e = _coeffs(exp_coeffs, m.n_exp, "expression")
+        lead = e.shape[:-1]
+        out = np.empty(lead + (m.n_vertices * 3,), np.float32)
+        out[..., :] = self._base_flat
+        out[..., : self._nf3] += e @ m._exp_face_basis
+        return out.reshape(lead + (m.n_vertices, 3))
+
+    def landmarks(self, exp_coeffs=None) -> np.ndarray:
+        m = self.model
+        e = np.zeros(m.n_exp, np.float32) if exp_coeffs is None else _coeffs(exp_coeffs, m.n_exp, "expression")
+        return self.lm_base + np.tensordot(e, m.lm_exp, 1)
+
+    def landmarks68(self, exp_coeffs=None) -> np.ndarray:
+        m = self.model
+        e = np.zeros(m.n_exp, np.float32) if exp_coeffs is None else _coeffs(exp_coeffs, m.n_exp, "expression")
+        lead = e.shape[:-1]
+        return self.lm68_base + (e @ m._lm68_basis[m.n_id:]).reshape(lead + (68, 3))
+
+    def eyeball_rotate(self, verts, yaw, pitch, landmarks=None):
+        return self.model.eyeball_rotate(verts, yaw, pitch, id_coeffs=self.id_coeffs, landmarks=landmarks)

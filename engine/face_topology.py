@@ -17,17 +17,18 @@ model uses the same axes (its ``left_*`` contours are the subject's left, at x >
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import lsq_linear
+from scipy.optimize import minimize
 from scipy.spatial import cKDTree
 
 from engine.assets import derived_cache, file_digest, find_asset
 
-VERSION = 3  # bump when the derivation changes; part of the cache key
+VERSION = 4  # bump when the derivation changes; part of the cache key
 
 PART_NAMES = ("left_eye", "right_eye", "left_brow", "right_brow", "upper_lip", "lower_lip", "nose", "skin")
 
@@ -278,6 +279,14 @@ def closest_points_on_mesh(points: np.ndarray, verts: np.ndarray, tris: np.ndarr
     return ti[sel], bary[sel], q[sel], dist[sel]
 
 
+def _box_lsq(A, b, lb, ub, x0):
+    """min |A x - b|^2 subject to lb <= x <= ub (small dense problem; L-BFGS-B on the normal form)."""
+    H, g = A.T @ A, A.T @ b
+    res = minimize(lambda x: (0.5 * x @ H @ x - g @ x, H @ x - g), np.clip(x0, lb, ub), jac=True,
+                   method="L-BFGS-B", bounds=list(zip(lb, ub)), options=dict(maxiter=2000, ftol=1e-15, gtol=1e-10))
+    return res.x
+
+
 def fit_sphere(p: np.ndarray) -> tuple[np.ndarray, float]:
     A = np.c_[2 * p, np.ones(len(p))]
     x = np.linalg.lstsq(A, (p**2).sum(1), rcond=None)[0]
@@ -332,7 +341,8 @@ def tracking_mesh(m) -> tuple[np.ndarray, np.ndarray]:
 def derive(ict_path: Path, mp_obj_path: Path, contours_path: Path, indices_path: Path,
            verbose: bool = False) -> dict[str, np.ndarray]:
     log = print if verbose else (lambda *a, **k: None)
-    m = np.load(ict_path)
+    with np.load(ict_path) as z:  # compressed npz: read every array once
+        m = {k: z[k] for k in z.files}
     exp_names = [str(x) for x in m["exp_names"]]
     vidx, tfaces = tracking_mesh(m)
     V = len(vidx)
@@ -360,8 +370,9 @@ def derive(ict_path: Path, mp_obj_path: Path, contours_path: Path, indices_path:
     jaw_moving = jaw > JAW_FRACTION * jaw[:n_face].max()
     lid_up = {}
     for side, sfx in (("left", "_L"), ("right", "_R")):
-        d = disp("eyeBlink" + sfx)
-        lid_up[side] = d > LID_FRACTION * d[:n_face].max()
+        # the upper lid is what a blink moves *down*; the lower lid also slides medially a little
+        down = -exp_basis[exp_names.index("eyeBlink" + sfx), :, 1]
+        lid_up[side] = down > LID_FRACTION * down[:n_face].max()
     tri_sets = {"all": face_tris}
     tri_sets["lip_upper"] = face_tris[~jaw_moving[face_tris].any(1)]
     tri_sets["lip_lower"] = face_tris[jaw_moving[face_tris].all(1)]
@@ -440,7 +451,7 @@ def derive(ict_path: Path, mp_obj_path: Path, contours_path: Path, indices_path:
         sw = np.sqrt(w)[:, None, None]
         A_mat = np.concatenate([(sw * B).reshape(-1, B.shape[2]), np.diag(reg)], 0)
         b_vec = np.concatenate([((X - q0) * sw[:, :, 0]).ravel(), np.zeros(len(reg))])
-        coef = lsq_linear(A_mat, b_vec, bounds=(lb, ub), method="bvls").x
+        coef = _box_lsq(A_mat, b_vec, lb, ub, coef)
         shape = neutral + np.tensordot(coef, basis, 1)
         log(f"icp {it}: scale {s:.4f} dist mean {dist.mean():.4f} max {dist.max():.4f}")
     X = s * A_face @ R.T + t
@@ -480,7 +491,6 @@ def derive(ict_path: Path, mp_obj_path: Path, contours_path: Path, indices_path:
     log("fitted expressions:", {exp_names[k]: round(float(v), 3) for k, v in enumerate(exp_fit) if v > 0.02})
 
     # ---- 3. iris landmarks on the eyeballs
-    eyes = {}
     extra = [str(x) for x in m["extra_exp_names"]]
     lm_tri = np.zeros((478, 3), np.int64)
     lm_bary = np.zeros((478, 3))
@@ -493,7 +503,6 @@ def derive(ict_path: Path, mp_obj_path: Path, contours_path: Path, indices_path:
     eye_radius = np.zeros(2)
     iris_radius = np.zeros(2)
     for k, side in enumerate(("left", "right")):
-        ea, eb = _region(m, f"eyeball_{side}")
         sa, sb = _subregion(m, f"sclera_{side}")
         ia, ib = _subregion(m, f"iris_{side}")
         c, r = fit_sphere(m["neutral"][sa:sb].astype(np.float64))
@@ -515,20 +524,35 @@ def derive(ict_path: Path, mp_obj_path: Path, contours_path: Path, indices_path:
         rad = np.linalg.norm(iris_v - np.outer(h, axis), axis=1)
         iris_radius[k] = rad[h > front - 0.1].max()  # edge of the flat iris disc
         iris_tris = remap[m["faces"][_sub_faces(m, f"iris_{side}")]]
-        centre_target = c + axis * (front + 0.05)
-        ti, b, qc, _ = closest_points_on_mesh(centre_target[None], neutral, iris_tris)
+        # The pupil is a hole in the iris mesh, so the pupil centre is on no triangle: express it as
+        # the weighted mean of three pupil-rim vertices about 120 degrees apart, one on top (a
+        # mirror-symmetric choice), with weights that put the point on the eye axis. The "triangle"
+        # of this landmark is therefore not a mesh face.
+        disc = np.nonzero(h > front - 0.1)[0]
+        rim = disc[rad[disc] < rad[disc].min() + 0.02]
+        e1 = np.cross(axis, [0.0, 1.0, 0.0])
+        e1 /= np.linalg.norm(e1)
+        e2 = np.cross(axis, e1)
+        ang = np.arctan2(iris_v[rim] @ e2, iris_v[rim] @ e1)
+        pick = [rim[np.argmin(np.abs(np.angle(np.exp(1j * (ang - a0)))))] for a0 in np.radians((-90, 30, 150))]
+        T = iris_v[pick]  # relative to the centre c
+        # barycentric weights of the axis point in the plane of the three rim vertices
+        nrm = np.cross(T[1] - T[0], T[2] - T[0])
+        t_ax = (T[0] @ nrm) / (axis @ nrm)
+        w3 = np.linalg.solve(T.T, axis * t_ax)  # sums to 1: the point lies in the rim plane
+        assert abs(w3.sum() - 1) < 1e-6 and (w3 > 0).all(), w3
         mp_ids = groups[f"{side}_iris"]  # centre first, then the 4 ring points
         ci = mp_ids[0]
-        lm_tri[ci], lm_bary[ci] = iris_tris[ti[0]], b[0]
+        lm_tri[ci], lm_bary[ci] = remap[ia + np.array(pick)], w3
+        pc = c + w3 @ T
         ring_t = []
         for j in mp_ids[1:]:
             d = R @ (mp[j] - mp[ci])
             d -= (d @ axis) * axis
             d /= np.linalg.norm(d)
-            ring_t.append(qc[0] + iris_radius[k] * d)
+            ring_t.append(pc + iris_radius[k] * d)
         ti, b, _, _ = closest_points_on_mesh(np.array(ring_t), neutral, iris_tris)
         lm_tri[mp_ids[1:]], lm_bary[mp_ids[1:]] = iris_tris[ti], b
-        eyes[side] = (c, axis)
 
     # ---- 4. landmark bases
     def bary_apply(arr):  # arr (..., V, 3) -> (..., 478, 3)
@@ -604,7 +628,7 @@ def derive(ict_path: Path, mp_obj_path: Path, contours_path: Path, indices_path:
     return out
 
 
-_BARY_GRID = np.array([(i, j, 6 - i - j) for i in range(7) for j in range(7 - i)], np.float64) / 6.0
+_BARY_GRID = np.array([(i, j, 4 - i - j) for i in range(5) for j in range(5 - i)], np.float64) / 4.0
 
 
 def _candidates(q, tris, shape, radius, current):
@@ -653,7 +677,7 @@ def load_topology(ict_path: Path | None = None, verbose: bool = False,
             data = None
     if data is None:
         data = derive(*inputs, verbose=verbose)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # concurrent writers: last one wins
         np.savez_compressed(tmp, **data)
         tmp.replace(path)
     _MEMO[name] = data

@@ -25,32 +25,45 @@ ICT_EYE_LOOK = {
 }
 
 
-def estimate_gaze(points: np.ndarray) -> dict[str, tuple[float, float]]:
-    """(478, >=2) image pixels -> {"left": (yaw, pitch), "right": (yaw, pitch)} degrees.
-
-    yaw > 0 toward the subject's left (image right for an unmirrored camera), pitch > 0 up.
-    """
+def eye_offsets(points: np.ndarray) -> dict[str, tuple[float, float, float]]:
+    """Per eye: iris offset from the corner midpoint along / across the eye axis in eye widths, and the
+    lid opening in eye widths. Corners, not lids, are the reference: lids move with blinks."""
     out = {}
     for side, ids in EYES.items():
         a, b = points[ids["axis"][0], :2], points[ids["axis"][1], :2]
         up, low = points[ids["lids"][0], :2], points[ids["lids"][1], :2]
-        iris = points[ids["iris"], :2]
         axis = b - a
         width = float(np.linalg.norm(axis))
         if width < 1e-6:
-            out[side] = (0.0, 0.0)
+            out[side] = (0.0, 0.0, 0.0)
             continue
         ex = axis / width
         ey = np.array([ex[1], -ex[0]])  # perpendicular, pointing up on screen
-        centre = 0.5 * (a + b) * 0.5 + 0.5 * (up + low) * 0.5
-        d = iris - centre
-        h = float(d @ ex) / width
-        v = float(d @ ey) / width
-        k = EYE_WIDTH_CM / EYEBALL_RADIUS_CM
-        yaw = math.degrees(math.asin(max(-1.0, min(1.0, h * k))))
-        pitch = math.degrees(math.asin(max(-1.0, min(1.0, v * k))))
-        out[side] = (yaw, pitch)
+        d = points[ids["iris"], :2] - 0.5 * (a + b)
+        out[side] = (float(d @ ex) / width, float(d @ ey) / width, float(np.linalg.norm(up - low)) / width)
     return out
+
+
+class GazeEstimator:
+    """Gaze in degrees relative to the head. The offsets of the face model's own neutral landmarks are
+    the zero (its eyes rest slightly outward), and gaze fades out as the lids close (the iris is hidden)."""
+
+    def __init__(self, neutral_landmarks: np.ndarray):
+        front = neutral_landmarks[:, :2] * np.array([1.0, -1.0])  # model frame seen from the front, y down
+        self.zero = eye_offsets(front)
+
+    def __call__(self, points: np.ndarray) -> dict[str, tuple[float, float]]:
+        """(478, >=2) image pixels -> {"left": (yaw, pitch), "right": (yaw, pitch)}; yaw > 0 toward the
+        subject's left (image right for an unmirrored camera), pitch > 0 up."""
+        k = EYE_WIDTH_CM / EYEBALL_RADIUS_CM
+        out = {}
+        for side, (h, v, opening) in eye_offsets(points).items():
+            h0, v0, open0 = self.zero[side]
+            visible = float(np.clip((opening / max(open0, 1e-6) - 0.25) / 0.35, 0.0, 1.0))
+            yaw = math.degrees(math.asin(max(-1.0, min(1.0, (h - h0) * k)))) * visible
+            pitch = math.degrees(math.asin(max(-1.0, min(1.0, (v - v0) * k)))) * visible
+            out[side] = (yaw, pitch)
+        return out
 
 
 def eye_look_expression(gaze: dict[str, tuple[float, float]]) -> dict[int, float]:

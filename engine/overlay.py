@@ -19,7 +19,7 @@ UNLABELLED = np.array((150, 150, 150), np.float32)
 
 
 class MeshOverlay:
-    def __init__(self, model: FaceModel, alpha: float = 0.55):
+    def __init__(self, model: FaceModel, alpha: float = 0.45):
         self.model = model
         self.alpha = alpha
         labels = model.part_labels
@@ -37,15 +37,26 @@ class MeshOverlay:
         facing = (normals * view).sum(1)
         uv = camera.project(verts)
         h, w = rgb.shape[:2]
-        x, y = np.round(uv[:, 0]).astype(int), np.round(uv[:, 1]).astype(int)
-        keep = (facing > 0.05) & (x >= 0) & (x < w) & (y >= 0) & (y < h)
-        # draw far to near so nearer vertices win where they overlap
+        # splat each vertex as a small square sized to the mesh spacing; drawn far to near, so the
+        # eyelids cover the eyeballs when the eyes close
+        px_per_cm = camera.fx / max(float(state.translation_cm[2]), 1.0)
+        half = int(np.clip(round(0.12 * px_per_cm), 0, 3))
+        keep = facing > 0.05
         order = np.argsort(-verts[keep, 2])
-        xs, ys = x[keep][order], y[keep][order]
+        uvk = uv[keep][order]
         shade = (0.35 + 0.65 * facing[keep][order])[:, None]
         colour = self.colours[keep][order] * shade
-        base = out[ys, xs].astype(np.float32)
-        out[ys, xs] = np.clip((1 - self.alpha) * base + self.alpha * colour, 0, 255).astype(np.uint8)
+        layer = out.astype(np.float32)
+        painted = np.zeros((h, w), bool)
+        cx, cy = np.round(uvk[:, 0]).astype(int), np.round(uvk[:, 1]).astype(int)
+        for dy in range(-half, half + 1):
+            for dx in range(-half, half + 1):
+                xs, ys = cx + dx, cy + dy
+                ok = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+                layer[ys[ok], xs[ok]] = colour[ok]
+                painted[ys[ok], xs[ok]] = True
+        blend = (1 - self.alpha) * out[painted] + self.alpha * layer[painted]
+        out[painted] = np.clip(blend, 0, 255).astype(np.uint8)
         if state.landmarks68 is not None:
             for px, py in np.round(state.landmarks68).astype(int):
                 out[max(py - 1, 0):py + 2, max(px - 1, 0):px + 2] = (255, 40, 40)

@@ -16,7 +16,7 @@ import torch
 from engine.assets import find_asset
 from engine.face_model import FaceModel
 from engine.fitting import FitResult, FitWeights, LandmarkFitter
-from engine.gaze import ICT_EYE_LOOK, estimate_gaze, eye_look_expression
+from engine.gaze import ICT_EYE_LOOK, GazeEstimator, eye_look_expression
 from engine.geometry import Camera, rotation_from_6d
 from engine.networks.coeff_head import N_INPUT_POINTS, CoefficientHead, load_head
 
@@ -52,6 +52,7 @@ class Regressor:
         self.head = head if head is not None else load_head()
         fixed = np.zeros(model.n_exp, bool)
         fixed[list(ICT_EYE_LOOK.values())] = True
+        self.gaze = GazeEstimator(model.lm_neutral)
         self.fitter = LandmarkFitter(model.lm_neutral, model.lm_id, model.lm_exp, np.arange(N_INPUT_POINTS),
                                      landmark_weights(), fixed, n_id_fit=n_id_fit, weights=weights)
 
@@ -63,7 +64,7 @@ class Regressor:
 
     def regress(self, landmarks_px: np.ndarray, camera: Camera, identity: np.ndarray,
                 previous: FitResult | None = None, fit_identity: bool = False) -> Regression:
-        gaze = estimate_gaze(landmarks_px)
+        gaze = self.gaze(landmarks_px)
         look = eye_look_expression(gaze)
         exp_head, rot_head = self.head_guess(landmarks_px)
         for k, v in look.items():

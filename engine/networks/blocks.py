@@ -39,7 +39,7 @@ class TFConv2d(nn.Conv2d):
     """
 
     def __init__(self, cin: int, cout: int, k: int, stride: int = 1, padding: str = "same",
-                 in_size: int | None = None, depthwise: bool = False):
+                 in_size: int | None = None, depthwise: bool = False, groups: int = 1):
         pad_conv, self.tf_pad = 0, None
         if padding == "same":
             if stride == 1:
@@ -52,7 +52,7 @@ class TFConv2d(nn.Conv2d):
                     pad_conv = b
                 else:
                     self.tf_pad = (b, a, b, a)  # F.pad order: left, right, top, bottom
-        super().__init__(cin, cout, k, stride, padding=pad_conv, groups=cin if depthwise else 1, bias=True)
+        super().__init__(cin, cout, k, stride, padding=pad_conv, groups=cin if depthwise else groups, bias=True)
         assert not depthwise or cin == cout
         self.tf_padding = padding.upper()
 
@@ -62,6 +62,8 @@ class TFConv2d(nn.Conv2d):
         return super().forward(x)
 
     def load_tflite(self, g: TFLiteGraph, t: int, branch: int = 0) -> int:
+        if 1 < self.groups < self.in_channels:
+            raise TypeError("grouped (parallel) convs load through their per-stream modules")
         kind = "DEPTHWISE_CONV_2D" if self.groups > 1 else "CONV_2D"
         op = g.consumer(t, kind, branch)
         o = op.options
@@ -215,6 +217,112 @@ class DownBottleneck(nn.Module):
         other = [i for i in add.inputs if i != h][0]
         _check_skip(g, other, t, 2, self.extra, f"DownBottleneck at ADD op {add.index}")
         return self.act.load_tflite(g, add.outputs[0])
+
+
+# ---------------------------------------------------------------- parallel streams
+# The attention model runs 3 region streams and then 5 output streams with identical layer shapes but
+# separate weights. Running n such streams as one grouped block (channels concatenated, depthwise
+# convs over all channels, 1x1 convs with groups=n) is the same arithmetic with n times fewer ops,
+# which matters on CPU where these 4x4 / 2x2 tensors are dominated by per-op overhead.
+
+def _merge_into(dst: nn.Module, srcs: list[nn.Module]) -> None:
+    """Copy the parameters of n per-stream modules into the grouped module (concatenated on dim 0)."""
+    params = [dict(m.named_parameters()) for m in srcs]
+    for name, p in dst.named_parameters():
+        _set(p, torch.cat([q[name].detach() for q in params]).numpy(), f"parallel {name}")
+
+
+class ParallelBlazeBlock(nn.Module):
+    """n BlazeBlock(cin->cout, s) on channel-concatenated streams: [B, n*cin, H, W] -> [B, n*cout, H/s, W/s]."""
+
+    def __init__(self, n: int, cin: int, cout: int, stride: int = 1, in_size: int | None = None, act: str = "prelu"):
+        super().__init__()
+        self.n, self.cin, self.cout, self.stride, self.act_kind, self.in_size = n, cin, cout, stride, act, in_size
+        self.dw = TFConv2d(n * cin, n * cin, 3, stride, "same", in_size, depthwise=True)
+        self.pw = TFConv2d(n * cin, n * cout, 1, padding="valid", groups=n)
+        self.act = make_act(act, n * cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = F.max_pool2d(x, 2, 2) if self.stride == 2 else x
+        if self.cout > self.cin:  # zero channels appended per stream
+            b, _, h, w = skip.shape
+            skip = F.pad(skip.reshape(b, self.n, self.cin, h, w), (0, 0, 0, 0, 0, self.cout - self.cin))
+            skip = skip.reshape(b, self.n * self.cout, h, w)
+        return self.act(self.pw(self.dw(x)) + skip)
+
+    def load_tflite(self, g: TFLiteGraph, ts: list[int], branches: list[int]) -> list[int]:
+        blocks = [BlazeBlock(self.cin, self.cout, self.stride, self.in_size, self.act_kind) for _ in range(self.n)]
+        outs = [b.load_tflite(g, t, br) for b, t, br in zip(blocks, ts, branches, strict=True)]
+        _merge_into(self, blocks)
+        return outs
+
+
+class ParallelConvAct(nn.Module):
+    """n (conv k x k / stride VALID, cin->cout, + PReLU) on channel-concatenated streams."""
+
+    def __init__(self, n: int, cin: int, cout: int, k: int = 1, stride: int = 1):
+        super().__init__()
+        self.n, self.cin, self.cout, self.k, self.stride = n, cin, cout, k, stride
+        self.conv = TFConv2d(n * cin, n * cout, k, stride, padding="valid", groups=n)
+        self.act = PReLU(n * cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+    def load_tflite(self, g: TFLiteGraph, ts: list[int], branches: list[int]) -> list[int]:
+        mods = [ConvAct(self.cin, self.cout, self.k, self.stride, padding="valid") for _ in range(self.n)]
+        outs = [m.load_tflite(g, t, br) for m, t, br in zip(mods, ts, branches, strict=True)]
+        _merge_into(self, mods)
+        return outs
+
+
+class ParallelResBottleneck(nn.Module):
+    """n ResBottleneck(c, m) on channel-concatenated streams."""
+
+    def __init__(self, n: int, c: int, m: int):
+        super().__init__()
+        self.n, self.c, self.m = n, c, m
+        self.reduce = ParallelConvAct(n, c, m)
+        self.dw = TFConv2d(n * m, n * m, 3, 1, "same", depthwise=True)
+        self.expand = TFConv2d(n * m, n * c, 1, padding="valid", groups=n)
+        self.act = PReLU(n * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.expand(self.dw(self.reduce(x))) + x)
+
+    def load_tflite(self, g: TFLiteGraph, ts: list[int], branches: list[int]) -> list[int]:
+        mods = [ResBottleneck(self.c, self.m) for _ in range(self.n)]
+        outs = [b.load_tflite(g, t, br) for b, t, br in zip(mods, ts, branches, strict=True)]
+        _merge_into(self, mods)
+        return outs
+
+
+class ParallelDownBottleneck(nn.Module):
+    """n DownBottleneck(c -> c; m) on channel-concatenated streams (no channel growth)."""
+
+    def __init__(self, n: int, c: int, m: int):
+        super().__init__()
+        self.n, self.c, self.m = n, c, m
+        self.reduce = ParallelConvAct(n, c, m, 2, 2)
+        self.dw = TFConv2d(n * m, n * m, 3, 1, "same", depthwise=True)
+        self.expand = TFConv2d(n * m, n * c, 1, padding="valid", groups=n)
+        self.act = PReLU(n * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.expand(self.dw(self.reduce(x))) + F.max_pool2d(x, 2, 2))
+
+    def load_tflite(self, g: TFLiteGraph, ts: list[int], branches: list[int]) -> list[int]:
+        mods = [DownBottleneck(self.c, self.c, self.m) for _ in range(self.n)]
+        outs = [b.load_tflite(g, t, br) for b, t, br in zip(mods, ts, branches, strict=True)]
+        _merge_into(self, mods)
+        return outs
+
+
+class ParallelSequential(nn.Sequential):
+    def load_tflite(self, g: TFLiteGraph, ts: list[int], branches: list[int]) -> list[int]:
+        for i, m in enumerate(self):
+            ts = m.load_tflite(g, ts, branches if i == 0 else [0] * len(ts))
+        return ts
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import BlazeBlock, ConvAct, Sequential, TFConv2d, blaze_stage, channels_last, finalize
+from .blocks import (BlazeBlock, ConvAct, ParallelBlazeBlock, ParallelConvAct, ParallelSequential, Sequential,
+                     TFConv2d, blaze_stage, channels_last, finalize)
 from .tflite_weights import TFLiteGraph
 
 INPUT_SIZE = 192
@@ -169,29 +170,12 @@ def transform_landmarks(points: torch.Tensor, matrix: torch.Tensor) -> torch.Ten
 _PATCH_TO_CROP = ((1.0, 1.0, 4.0, 4.0), (1.0, 1.0, 4.0, 4.0), (0.25, 0.25, 1.0, 1.0), (0.25, 0.25, 1.0, 1.0))
 
 
-def _region_trunk() -> Sequential:
-    """16x16x32 patch -> 2x b(32) -> b(32->64,/2) -> 2x b(64) -> b(64->128,/2): 4x4x128."""
-    return Sequential(BlazeBlock(32, 32, 1, 16), BlazeBlock(32, 32, 1, 16), BlazeBlock(32, 64, 2, 16),
-                      BlazeBlock(64, 64, 1, 8), BlazeBlock(64, 64, 1, 8), BlazeBlock(64, 128, 2, 8))
-
-
-class RegionHead(nn.Module):
-    """4x4x128 -> 2x b(128) -> b(128,/2) -> 2x b(128) -> 1x1 128->32 + PReLU -> b(32) -> conv 2x2 VALID
-    -> [B, n_points, 2] in the 64-px patch frame."""
-
-    def __init__(self, n_points: int):
-        super().__init__()
-        self.n_points = n_points
-        self.body = Sequential(BlazeBlock(128, 128, 1, 4), BlazeBlock(128, 128, 1, 4), BlazeBlock(128, 128, 2, 4),
-                               BlazeBlock(128, 128, 1, 2), BlazeBlock(128, 128, 1, 2),
-                               ConvAct(128, 32, 1, padding="valid"), BlazeBlock(32, 32, 1, 2))
-        self.out = TFConv2d(32, 2 * n_points, 2, 2, "valid")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x)).reshape(-1, self.n_points, 2)
-
-    def load_tflite(self, g: TFLiteGraph, t: int, branch: int = 0) -> int:
-        return self.out.load_tflite(g, self.body.load_tflite(g, t, branch))
+# Output streams of the attention model, in the order they run as one grouped block:
+# (name, region that feeds it, number of 2-D points, branch among the consumers of the region's 4x4 map)
+STREAMS = (("lips", 0, len(LIPS_IDX), 0), ("left_eye", 1, len(LEFT_EYE_IDX), 0), ("left_iris", 1, 5, 1),
+           ("right_eye", 2, len(RIGHT_EYE_IDX), 0), ("right_iris", 2, 5, 1))
+REGIONS = (("lips", LIPS_IDX, LIPS_ROT), ("left_eye", LEFT_EYE_IDX, LEFT_EYE_ROT),
+           ("right_eye", RIGHT_EYE_IDX, RIGHT_EYE_ROT))
 
 
 class AttentionMeshNet(nn.Module):
@@ -202,6 +186,12 @@ class AttentionMeshNet(nn.Module):
     eyes overwrite x, y (z kept), then iris 468-472 (image-left eye, mesh 33/133) and 473-477
     (image-right eye, 362/263) with z = mean mesh z of the eye's first 16 contour indices.
     `raw(x)` gives the 7 network outputs before assembly.
+
+    Layers (5.3): the 468-model trunk gives F48 and the coarse mesh; each region (lips, left eye,
+    right eye) samples a 16x16x32 patch of F48 and runs 2x b(32), b(32->64,/2), 2x b(64),
+    b(64->128,/2) (the 3 regions run as one grouped block); the 5 output streams (lips, eye contour
+    and iris per eye) run 2x b(128), b(128,/2), 2x b(128), 1x1 128->32 + PReLU, b(32) (grouped, 5
+    streams), then each its own conv 2x2 VALID.
     """
 
     def __init__(self):
@@ -210,21 +200,30 @@ class AttentionMeshNet(nn.Module):
         self.mesh_head = _head_to_f3()
         self.mesh_out = TFConv2d(32, 3 * NUM_LANDMARKS, 3, 3, "valid")
         self.presence_out = TFConv2d(32, 1, 3, 3, "valid")
-        self.lips_trunk, self.left_eye_trunk, self.right_eye_trunk = (_region_trunk() for _ in range(3))
-        self.lips_head = RegionHead(len(LIPS_IDX))
-        self.left_eye_head, self.left_iris_head = RegionHead(len(LEFT_EYE_IDX)), RegionHead(5)
-        self.right_eye_head, self.right_iris_head = RegionHead(len(RIGHT_EYE_IDX)), RegionHead(5)
-        for name, idx in (("lips_idx", LIPS_IDX), ("left_eye_idx", LEFT_EYE_IDX), ("right_eye_idx", RIGHT_EYE_IDX)):
-            self.register_buffer(name, torch.tensor(idx, dtype=torch.long), persistent=False)
+        self.region_trunk = ParallelSequential(
+            ParallelBlazeBlock(3, 32, 32, 1, 16), ParallelBlazeBlock(3, 32, 32, 1, 16),
+            ParallelBlazeBlock(3, 32, 64, 2, 16), ParallelBlazeBlock(3, 64, 64, 1, 8),
+            ParallelBlazeBlock(3, 64, 64, 1, 8), ParallelBlazeBlock(3, 64, 128, 2, 8))      # 3 x 4x4x128
+        self.stream_body = ParallelSequential(
+            ParallelBlazeBlock(5, 128, 128, 1, 4), ParallelBlazeBlock(5, 128, 128, 1, 4),
+            ParallelBlazeBlock(5, 128, 128, 2, 4), ParallelBlazeBlock(5, 128, 128, 1, 2),
+            ParallelBlazeBlock(5, 128, 128, 1, 2), ParallelConvAct(5, 128, 32),
+            ParallelBlazeBlock(5, 32, 32, 1, 2))                                              # 5 x 2x2x32
+        self.stream_out = nn.ModuleList(TFConv2d(32, 2 * n, 2, 2, "valid") for _, _, n, _ in STREAMS)
+        for name, idx, _ in REGIONS:
+            self.register_buffer(f"{name}_idx", torch.tensor(idx, dtype=torch.long), persistent=False)
         self.register_buffer("patch_to_crop", torch.tensor(_PATCH_TO_CROP), persistent=False)
+        # region r's channels feed stream s: channel gather for the 3 -> 5 stream split
+        src = [r * 128 + c for _, r, _, _ in STREAMS for c in range(128)]
+        self.register_buffer("stream_channels", torch.tensor(src, dtype=torch.long), persistent=False)
         # Assembly: xy of point i = cat([mesh, lips, left_eye, right_eye])[xy_source[i]].
-        src = list(range(NUM_LANDMARKS))
+        xy_src = list(range(NUM_LANDMARKS))
         off = NUM_LANDMARKS
-        for idx in (LIPS_IDX, LEFT_EYE_IDX, RIGHT_EYE_IDX):
+        for _, idx, _ in REGIONS:
             for k, i in enumerate(idx):
-                src[i] = off + k
+                xy_src[i] = off + k
             off += len(idx)
-        self.register_buffer("xy_source", torch.tensor(src, dtype=torch.long), persistent=False)
+        self.register_buffer("xy_source", torch.tensor(xy_src, dtype=torch.long), persistent=False)
 
     def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The 7 outputs: mesh [B,468,3], lips [B,80,2], left/right_eye [B,71,2], left/right_iris
@@ -234,22 +233,16 @@ class AttentionMeshNet(nn.Module):
         mesh = self.mesh_out(f3).reshape(-1, NUM_LANDMARKS, 3)
         presence = self.presence_out(f3).reshape(-1)
         grid_pts = mesh * 0.25                                    # 192-px crop -> 48-grid units
-        m_lips = landmarks_to_transform_matrix(grid_pts, self.lips_idx, *LIPS_ROT)
-        m_left = landmarks_to_transform_matrix(grid_pts, self.left_eye_idx, *LEFT_EYE_ROT)
-        m_right = landmarks_to_transform_matrix(grid_pts, self.right_eye_idx, *RIGHT_EYE_ROT)
-        lips4 = self.lips_trunk(transform_tensor_bilinear(f48, m_lips))
-        left4 = self.left_eye_trunk(transform_tensor_bilinear(f48, m_left))
-        right4 = self.right_eye_trunk(transform_tensor_bilinear(f48, m_right))
-        m_lips, m_left, m_right = (m * self.patch_to_crop for m in (m_lips, m_left, m_right))
-        return {
-            "mesh": mesh,
-            "lips": transform_landmarks(self.lips_head(lips4), m_lips),
-            "left_eye": transform_landmarks(self.left_eye_head(left4), m_left),
-            "right_eye": transform_landmarks(self.right_eye_head(right4), m_right),
-            "left_iris": transform_landmarks(self.left_iris_head(left4), m_left),
-            "right_iris": transform_landmarks(self.right_iris_head(right4), m_right),
-            "presence": presence,
-        }
+        mats = [landmarks_to_transform_matrix(grid_pts, getattr(self, f"{name}_idx"), *rot)
+                for name, _, rot in REGIONS]
+        patches = torch.cat([transform_tensor_bilinear(f48, m) for m in mats], dim=1)   # [B,3*32,16,16]
+        regions = self.region_trunk(channels_last(patches))                            # [B,3*128,4,4]
+        streams = self.stream_body(regions.index_select(1, self.stream_channels))       # [B,5*32,2,2]
+        out = {"mesh": mesh, "presence": presence}
+        for k, ((name, r, n, _), conv) in enumerate(zip(STREAMS, self.stream_out)):
+            pts = conv(streams[:, 32 * k:32 * (k + 1)]).reshape(-1, n, 2)             # 64-px patch frame
+            out[name] = transform_landmarks(pts, mats[r] * self.patch_to_crop)
+        return out
 
     def assemble(self, r: dict[str, torch.Tensor]) -> torch.Tensor:
         mesh = r["mesh"]
@@ -279,11 +272,8 @@ class AttentionMeshNet(nn.Module):
                 raise ValueError(f"MUL op {mul.index}: expected 0.25")
             op = g.consumer(mul.outputs[0], "Landmarks2TransformMatrix")
             matrices[op.custom_options["left_rotation_idx"]] = op
-        regions = (("lips", LIPS_IDX, LIPS_ROT, self.lips_trunk, (self.lips_head,)),
-                   ("left_eye", LEFT_EYE_IDX, LEFT_EYE_ROT, self.left_eye_trunk, (self.left_eye_head, self.left_iris_head)),
-                   ("right_eye", RIGHT_EYE_IDX, RIGHT_EYE_ROT, self.right_eye_trunk, (self.right_eye_head, self.right_iris_head)))
-        outputs = {}
-        for name, idx, rot, trunk, heads in regions:
+        patches, scaled = [], []
+        for name, idx, rot in REGIONS:
             op = matrices[rot[0]]
             o = op.custom_options
             expect = dict(left_rotation_idx=rot[0], right_rotation_idx=rot[1], output_height=16, output_width=16,
@@ -294,21 +284,19 @@ class AttentionMeshNet(nn.Module):
             ttb = [c for c in g.consumers(t_m, "TransformTensorBilinear") if c.inputs == (f48, t_m)][0]
             if ttb.custom_options.get("output_height") != 16 or ttb.custom_options.get("output_width") != 16:
                 raise ValueError(f"{name}: TransformTensorBilinear options {ttb.custom_options}")
-            t4 = trunk.load_tflite(g, ttb.outputs[0])
+            patches.append(ttb.outputs[0])
             mul = g.consumer(t_m, "MUL")
             if not np.allclose(g.weights(mul)[0].reshape(4, 4), np.array(_PATCH_TO_CROP)):
                 raise ValueError(f"{name}: unexpected matrix scale constant in MUL op {mul.index}")
-            for k, head in enumerate(heads):
-                t_out = g.consumer(head.load_tflite(g, t4, branch=k), "RESHAPE").outputs[0]
-                tl = g.consumer(t_out, "TransformLandmarks")
-                if tl.inputs != (t_out, mul.outputs[0]):
-                    raise ValueError(f"{name}: TransformLandmarks op {tl.index} wiring")
-                final = g.consumer(tl.outputs[0], "RESHAPE").outputs[0]
-                outputs[g.names[final]] = (name if k == 0 else name.replace("eye", "iris"), head.n_points)
-        expected = {"output_lips": ("lips", 80), "output_left_eye": ("left_eye", 71), "output_right_eye": ("right_eye", 71),
-                    "output_left_iris": ("left_iris", 5), "output_right_iris": ("right_iris", 5)}
-        if outputs != expected:
-            raise ValueError(f"{g.path.name}: region outputs traced as {outputs}")
+            scaled.append(mul.outputs[0])
+        t4 = self.region_trunk.load_tflite(g, patches, [0, 0, 0])
+        t2 = self.stream_body.load_tflite(g, [t4[r] for _, r, _, _ in STREAMS], [br for *_, br in STREAMS])
+        for (name, r, n, _), conv, t in zip(STREAMS, self.stream_out, t2):
+            t_out = g.consumer(conv.load_tflite(g, t), "RESHAPE").outputs[0]
+            tl = g.consumer(t_out, "TransformLandmarks")
+            final = g.consumer(tl.outputs[0], "RESHAPE").outputs[0]
+            if tl.inputs != (t_out, scaled[r]) or g.names[final] != f"output_{name}":
+                raise ValueError(f"{name}: stream traced to {g.names[final]} (TransformLandmarks op {tl.index})")
         slice_op = g.consumer(t_mesh, "STRIDED_SLICE")
         if g.names[slice_op.outputs[0]] != "output_mesh_identity" or g.names[t_pres] != "conv_faceflag":
             raise ValueError(f"{g.path.name}: mesh/presence outputs traced wrongly")

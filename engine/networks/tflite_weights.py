@@ -15,18 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tflite
 
 _PADDING = {0: "SAME", 1: "VALID"}
 _ACT = {0: None, 1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6", 4: "TANH"}
-_NP_DTYPE = {
-    tflite.TensorType.FLOAT32: np.float32,
-    tflite.TensorType.FLOAT16: np.float16,
-    tflite.TensorType.INT32: np.int32,
-    tflite.TensorType.INT64: np.int64,
-    tflite.TensorType.UINT8: np.uint8,
-    tflite.TensorType.INT8: np.int8,
-}
+# tflite.TensorType values -> numpy dtypes (FLOAT32 0, FLOAT16 1, INT32 2, UINT8 3, INT64 4, INT8 9)
+_NP_DTYPE = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}
 # builtin name -> (options class, fields read as {key: getter name})
 _OPTIONS = {
     "CONV_2D": ("Conv2DOptions", {"padding": "Padding", "stride_h": "StrideH", "stride_w": "StrideW",
@@ -58,6 +51,8 @@ class TFLiteGraph:
     """Subgraph 0 of a .tflite file."""
 
     def __init__(self, path: str | Path):
+        import tflite  # imported here so the torch modules load without it (e.g. from a state_dict)
+
         self.path = Path(path)
         self._buf = self.path.read_bytes()
         model = tflite.Model.GetRootAsModel(self._buf, 0)
@@ -144,6 +139,8 @@ class TFLiteGraph:
 
 
 def _read_options(o, cls_name: str, fields: dict) -> dict:
+    import tflite
+
     table = o.BuiltinOptions()
     if table is None:
         return {}
