@@ -74,16 +74,17 @@ class LandmarkFitter:
 
     def fit(self, obs_px: np.ndarray, camera: Camera, rotation_cam: np.ndarray, translation: np.ndarray,
             expression: np.ndarray, identity: np.ndarray, *, exp_prior: np.ndarray | None = None,
-            exp_prev: np.ndarray | None = None, fit_identity: bool = False, iterations: int = 4) -> FitResult:
+            exp_prev: np.ndarray | None = None, fit_identity: bool = False, pose_only: bool = False,
+            iterations: int = 4) -> FitResult:
         obs = np.asarray(obs_px, np.float64)[self.idx]
         rc = rotation_cam.copy()
         t = translation.astype(np.float64).copy()
         e = np.clip(expression.astype(np.float64), 0.0, 1.0)
         beta = identity.astype(np.float64).copy()
         wts = self.weights
-        free_exp = ~self.fixed_exp
+        free_exp = np.zeros_like(self.fixed_exp) if pose_only else ~self.fixed_exp
         n_e = int(free_exp.sum())
-        n_b = self.n_id_fit if fit_identity else 0
+        n_b = self.n_id_fit if fit_identity and not pose_only else 0
         n_p = 6 + n_e + n_b
         fx, fy = camera.fx, camera.fy
         rms_cm = rms_px = 0.0

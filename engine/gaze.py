@@ -1,8 +1,4 @@
-"""Gaze from the iris centre inside the eye opening, and the ARKit eyeLook* values it implies.
-
-The iris offset from the middle of the eye, measured along the eye axis (corner to corner) in units of
-the eye width, is turned into an eyeball rotation: offset * eye_width / eyeball_radius = sin(angle).
-"""
+"""Gaze from the iris centres, and the ICT/ARKit eyeLook* values it implies."""
 from __future__ import annotations
 
 import math
@@ -14,8 +10,6 @@ EYES = {
     "right": {"axis": (33, 133), "lids": (159, 145), "iris": 468},
     "left": {"axis": (362, 263), "lids": (386, 374), "iris": 473},
 }
-EYE_WIDTH_CM = 3.0  # corner to corner, adult average
-EYEBALL_RADIUS_CM = 1.2
 FULL_LOOK_DEG = 30.0  # eyeLook* reaches 1.0 at this gaze angle
 
 # ICT expression indices of the eyeLook shapes (see the npz exp_names)
@@ -25,45 +19,50 @@ ICT_EYE_LOOK = {
 }
 
 
-def eye_offsets(points: np.ndarray) -> dict[str, tuple[float, float, float]]:
-    """Per eye: iris offset from the corner midpoint along / across the eye axis in eye widths, and the
-    lid opening in eye widths. Corners, not lids, are the reference: lids move with blinks."""
-    out = {}
-    for side, ids in EYES.items():
-        a, b = points[ids["axis"][0], :2], points[ids["axis"][1], :2]
-        up, low = points[ids["lids"][0], :2], points[ids["lids"][1], :2]
-        axis = b - a
-        width = float(np.linalg.norm(axis))
-        if width < 1e-6:
-            out[side] = (0.0, 0.0, 0.0)
-            continue
-        ex = axis / width
-        ey = np.array([ex[1], -ex[0]])  # perpendicular, pointing up on screen
-        d = points[ids["iris"], :2] - 0.5 * (a + b)
-        out[side] = (float(d @ ex) / width, float(d @ ey) / width, float(np.linalg.norm(up - low)) / width)
-    return out
-
-
 class GazeEstimator:
-    """Gaze in degrees relative to the head. The offsets of the face model's own neutral landmarks are
-    the zero (its eyes rest slightly outward), and gaze fades out as the lids close (the iris is hidden)."""
+    """Gaze per eye from the observed iris centre and the fitted head.
 
-    def __init__(self, neutral_landmarks: np.ndarray):
-        front = neutral_landmarks[:, :2] * np.array([1.0, -1.0])  # model frame seen from the front, y down
-        self.zero = eye_offsets(front)
+    The iris centre of the face model is turned about its eyeball centre (yaw, then pitch, relative to
+    the model's rest gaze) until its projection lands on the observed iris centre: a 2-parameter
+    Gauss-Newton per eye, so head pose and perspective are accounted for. As the lids close the iris
+    is hidden and its landmark meaningless, so the estimate fades to zero with the lid opening.
+    """
 
-    def __call__(self, points: np.ndarray) -> dict[str, tuple[float, float]]:
-        """(478, >=2) image pixels -> {"left": (yaw, pitch), "right": (yaw, pitch)}; yaw > 0 toward the
-        subject's left (image right for an unmirrored camera), pitch > 0 up."""
-        k = EYE_WIDTH_CM / EYEBALL_RADIUS_CM
+    def __init__(self, model):
+        self.model = model
+        lm = model.lm_neutral
+        self.open0 = {side: _opening(lm[:, :2], ids) for side, ids in EYES.items()}
+
+    def __call__(self, landmarks_px: np.ndarray, camera, rotation_cam: np.ndarray, translation: np.ndarray,
+                 identity: np.ndarray, expression: np.ndarray) -> dict[str, tuple[float, float]]:
+        """-> {"left": (yaw, pitch), "right": (yaw, pitch)} degrees; yaw > 0 toward the subject's left, pitch > 0 up."""
+        lm_model = self.model.landmarks(identity, expression)
+        centres = self.model.eye_centres_for(identity)
         out = {}
-        for side, (h, v, opening) in eye_offsets(points).items():
-            h0, v0, open0 = self.zero[side]
-            visible = float(np.clip((opening / max(open0, 1e-6) - 0.25) / 0.35, 0.0, 1.0))
-            yaw = math.degrees(math.asin(max(-1.0, min(1.0, (h - h0) * k)))) * visible
-            pitch = math.degrees(math.asin(max(-1.0, min(1.0, (v - v0) * k)))) * visible
-            out[side] = (yaw, pitch)
+        for k, side in enumerate(("left", "right")):
+            iris, centre = lm_model[EYES[side]["iris"]].astype(np.float64), centres[k].astype(np.float64)
+            target = landmarks_px[EYES[side]["iris"], :2]
+
+            def project(angles):
+                rot = self.model._gaze_rotation(angles[0], angles[1]).astype(np.float64)
+                p = centre + rot @ (iris - centre)
+                return camera.project(rotation_cam @ p + translation)
+
+            ang = np.zeros(2)
+            for _ in range(4):
+                r = project(ang) - target
+                jac = np.stack([(project(ang + d) - project(ang - d)) / 2e-3 for d in np.eye(2) * 1e-3], axis=1)
+                ang = np.clip(ang - np.linalg.lstsq(jac, r, rcond=None)[0], -0.8, 0.8)
+            ratio = _opening(landmarks_px[:, :2], EYES[side]) / max(self.open0[side], 1e-6)
+            visible = float(np.clip((ratio - 0.25) / 0.35, 0.0, 1.0))
+            out[side] = (math.degrees(ang[0]) * visible, math.degrees(ang[1]) * visible)
         return out
+
+
+def _opening(points: np.ndarray, ids: dict) -> float:
+    """Lid distance over eye width (corner to corner)."""
+    width = np.linalg.norm(points[ids["axis"][1]] - points[ids["axis"][0]])
+    return float(np.linalg.norm(points[ids["lids"][0]] - points[ids["lids"][1]]) / max(width, 1e-6))
 
 
 def eye_look_expression(gaze: dict[str, tuple[float, float]]) -> dict[int, float]:

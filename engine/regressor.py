@@ -18,7 +18,7 @@ from engine.face_model import FaceModel
 from engine.fitting import FitResult, FitWeights, LandmarkFitter
 from engine.gaze import ICT_EYE_LOOK, GazeEstimator, eye_look_expression
 from engine.geometry import Camera, rotation_from_6d
-from engine.networks.coeff_head import N_INPUT_POINTS, CoefficientHead, load_head
+from engine.networks.coeff_head import N_INPUT_POINTS, CoefficientHead, expression_features, load_head
 
 # Relative trust per landmark group: eyelids and lips carry the expressions users care about most;
 # the face-oval points sit on the silhouette, where a mesh correspondence is least exact.
@@ -52,39 +52,58 @@ class Regressor:
         self.head = head if head is not None else load_head()
         fixed = np.zeros(model.n_exp, bool)
         fixed[list(ICT_EYE_LOOK.values())] = True
-        self.gaze = GazeEstimator(model.lm_neutral)
+        self.gaze = GazeEstimator(model)
         self.fitter = LandmarkFitter(model.lm_neutral, model.lm_id, model.lm_exp, np.arange(N_INPUT_POINTS),
                                      landmark_weights(), fixed, n_id_fit=n_id_fit, weights=weights)
 
-    def head_guess(self, landmarks_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def head_rotation(self, landmarks_px: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             pts = torch.from_numpy(np.ascontiguousarray(landmarks_px[None, :N_INPUT_POINTS, :2], np.float32))
-            exp, rot6 = self.head(pts)
-        return exp[0].numpy().astype(np.float64), rotation_from_6d(rot6[0].numpy().astype(np.float64))
+            rot6 = self.head.rotation6d(pts)
+        return rotation_from_6d(rot6[0].numpy().astype(np.float64))
+
+    def head_expression(self, landmarks_px: np.ndarray, camera: Camera, rotation_cam: np.ndarray,
+                        translation: np.ndarray, identity: np.ndarray) -> np.ndarray:
+        neutral = self.fitter.model_points(identity, np.zeros(self.model.n_exp)) @ rotation_cam.T + translation
+        ref = camera.project(neutral)
+        with torch.inference_mode():
+            offsets, yaw_pitch = expression_features(
+                torch.from_numpy(np.ascontiguousarray(landmarks_px[None, :N_INPUT_POINTS, :2], np.float32)),
+                torch.from_numpy(ref[None].astype(np.float32)),
+                torch.tensor([camera.fx / max(translation[2], 1e-3)], dtype=torch.float32),
+                torch.from_numpy(rotation_cam[None].astype(np.float32)))
+            exp = self.head.expression(offsets, yaw_pitch)
+        return exp[0].numpy().astype(np.float64)
 
     def regress(self, landmarks_px: np.ndarray, camera: Camera, identity: np.ndarray,
                 previous: FitResult | None = None, fit_identity: bool = False) -> Regression:
-        gaze = self.gaze(landmarks_px)
-        look = eye_look_expression(gaze)
-        exp_head, rot_head = self.head_guess(landmarks_px)
-        for k, v in look.items():
-            exp_head[k] = v
+        # the eyeLook shapes are not fitted: they come from gaze, measured after the fit (last frame's
+        # values shape the lids during this frame's fit)
+        eye_look = list(ICT_EYE_LOOK.values())
+        look_exp = np.zeros(self.model.n_exp)
+        if previous is not None:
+            look_exp[eye_look] = previous.expression[eye_look]
+        obs = landmarks_px[:, :2]
         if previous is None:
-            start_exp = exp_head.copy()
-            rc = rot_head
-            pts = self.fitter.model_points(identity, start_exp)
-            t = self.fitter.initial_translation(landmarks_px[self.fitter.idx, :2], rc, pts, camera)
-            iterations, exp_prev = 10, None
+            # new track: the pose MLP's rotation, then a rigid fit on the neutral face
+            rc = self.head_rotation(landmarks_px)
+            pts = self.fitter.model_points(identity, look_exp)
+            t = self.fitter.initial_translation(obs[self.fitter.idx], rc, pts, camera)
+            rigid = self.fitter.fit(obs, camera, rc, t, look_exp, identity, pose_only=True, iterations=6)
+            rc, t = rigid.rotation_cam, rigid.translation
         else:
-            start_exp = previous.expression.copy()
             rc, t = previous.rotation_cam, previous.translation
-            iterations, exp_prev = 3, previous.expression
-        for k, v in look.items():
-            start_exp[k] = v
-        fit = self.fitter.fit(landmarks_px[:, :2], camera, rc, t, start_exp, identity, exp_prior=exp_head,
-                              exp_prev=exp_prev, fit_identity=fit_identity,
-                              iterations=iterations + (2 if fit_identity else 0))
+        exp_head = self.head_expression(landmarks_px, camera, rc, t, identity)
+        exp_head[eye_look] = look_exp[eye_look]
+        start_exp = exp_head.copy() if previous is None else previous.expression.copy()
+        fit = self.fitter.fit(obs, camera, rc, t, start_exp, identity, exp_prior=exp_head,
+                              exp_prev=None if previous is None else previous.expression,
+                              fit_identity=fit_identity, iterations=(6 if previous is None else 3)
+                              + (2 if fit_identity else 0))
         # mouthClose only makes sense on top of jawOpen (ICT README): keep mouthClose <= jawOpen
         jaw, close = self.model.exp_names.index("jawOpen"), self.model.exp_names.index("mouthClose")
         fit.expression[close] = min(fit.expression[close], fit.expression[jaw])
+        gaze = self.gaze(landmarks_px, camera, fit.rotation_cam, fit.translation, fit.identity, fit.expression)
+        for k, v in eye_look_expression(gaze).items():
+            fit.expression[k] = v
         return Regression(fit, gaze, exp_head)

@@ -248,6 +248,12 @@ def test_letterbox_pads_black_to_minus_one():
     assert torch.all(x[..., 40:88, :127] == 1) and torch.all(x[..., 40:88, 127] < 1)
 
 
+def test_no_detection_on_blank_image(nets):
+    _model_path("detector")
+    *_, dets = detect(nets, np.zeros((240, 320, 3), np.uint8))
+    assert dets == []
+
+
 def test_roi_from_landmarks_rotation():
     pts = torch.zeros(468, 2)
     pts[:, 0] = torch.linspace(100, 200, 468)
@@ -358,8 +364,9 @@ def test_attention_mesh_agrees_with_iris_and_mesh_models(nets, name):
         c = pp.project_eye_landmarks(iris[k], rois[k], flipped=(k == 1))[0, :2]
         assert (A[a_idx, :2] - c).norm() < 2.0, (name, k, A[a_idx, :2], c)
     # refined lips/eyes stay near the 468 model's points; z of those points is the mesh's z
+    # (in 192-px crop units: the refined points differ by design, 1.1 px mesh-to-mesh on the test crop)
     refined = list(LIPS_IDX) + list(LEFT_EYE_IDX) + list(RIGHT_EYE_IDX)
-    assert (A[refined, :2] - P[refined, :2]).norm(dim=1).mean() < 3.0
+    assert (att[0, refined, :2] - pts[0, refined, :2]).norm(dim=1).mean() < 3.0
     raw = nets("attention").raw(crop)
     assert torch.equal(att[0, refined, 2], raw["mesh"][0, refined, 2])
     assert torch.allclose(att[0, 468:473, 2], raw["mesh"][0, list(LEFT_EYE_IDX[:16]), 2].mean().expand(5))

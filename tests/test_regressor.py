@@ -77,11 +77,15 @@ def test_fit_recovers_expression_and_pose(model, regressor, case):
 
 def test_learned_head_gives_a_usable_start(model, regressor):
     obs, exp, rc, cam = synth(model, {"jawOpen": 0.5, "eyeBlink_L": 1.0, "eyeBlink_R": 1.0}, yaw=-30.0)
-    e, r = regressor.head_guess(np.concatenate([obs, np.zeros((len(obs), 1))], axis=1))
+    lm = np.concatenate([obs, np.zeros((len(obs), 1))], axis=1)
+    r = regressor.head_rotation(lm)
     ang = np.degrees(np.arccos(np.clip((np.trace(r.T @ rc) - 1) / 2, -1, 1)))
     assert ang < 10.0
-    assert e[model.exp_names.index("jawOpen")] > 0.25
-    assert e[model.exp_names.index("eyeBlink_L")] > 0.5
+    t = np.array([2.0, -1.0, 55.0])
+    e = regressor.head_expression(lm, cam, rc, t, np.zeros(model.n_id))
+    assert e[model.exp_names.index("jawOpen")] > 0.3
+    assert e[model.exp_names.index("eyeBlink_L")] > 0.6
+    assert np.abs(e - exp)[~regressor.fitter.fixed_exp].mean() < 0.05
 
 
 def test_identity_is_recovered_over_frames(model, regressor):
@@ -101,3 +105,19 @@ def test_identity_is_recovered_over_frames(model, regressor):
     err_est = np.linalg.norm(model.landmarks(est, np.zeros(model.n_exp)) - truth, axis=1).mean()
     err_zero = np.linalg.norm(model.landmarks(np.zeros(model.n_id), np.zeros(model.n_exp)) - truth, axis=1).mean()
     assert err_est < 0.6 * err_zero, f"identity landmark error {err_est:.3f} cm vs {err_zero:.3f} cm for the mean"
+
+
+@pytest.mark.parametrize("yaw_deg,pitch_deg", [(15.0, 0.0), (-12.0, 8.0)])
+def test_gaze_follows_the_iris(model, regressor, yaw_deg, pitch_deg):
+    """Turn the model's eyeballs, project, and read the gaze back under a turned head."""
+    exp = np.zeros(model.n_exp)
+    lm = model.landmarks(np.zeros(model.n_id), exp)
+    verts, lm_rot = model.eyeball_rotate(model.vertices(), np.radians(yaw_deg), np.radians(pitch_deg),
+                                         landmarks=lm[None])
+    cam = Camera.from_fov(640, 480, 60.0)
+    rc = FLIP @ euler_to_matrix(20.0, 5.0, -5.0)
+    t = np.array([1.0, 0.0, 60.0])
+    obs = cam.project(lm_rot[0] @ rc.T + t)
+    gaze = regressor.gaze(obs, cam, rc, t, np.zeros(model.n_id), exp)
+    for side in ("left", "right"):
+        assert abs(gaze[side][0] - yaw_deg) < 1.0 and abs(gaze[side][1] - pitch_deg) < 1.0, gaze

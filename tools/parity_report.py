@@ -95,7 +95,7 @@ def parity(nets: dict, media: Path, images: list[str]) -> None:
     print("\n## Parity vs LiteRT (same input tensor)\n")
     print("| image | detector: max \\|d score\\| / max kp diff (128-px) | 468 mesh: max raw diff / max / mean xy diff "
           "(192-px) / max img px | presence logit diff | iris: max / mean xy diff (64-px) / max img px | "
-          "attention: iris centre vs IrisNet (img px) / refined pts vs 468 mean (img px) |")
+          "attention: iris centre vs IrisNet (img px) / refined lips+eyes vs 468 mean (192-px) |")
     print("|---|---|---|---|---|---|")
     worst = {"det_kp": 0.0, "mesh": 0.0, "iris": 0.0}
     for name in images:
@@ -143,12 +143,12 @@ def parity(nets: dict, media: Path, images: list[str]) -> None:
         centres = [pp.project_eye_landmarks(iris[k], rois[k], flipped=(k == 1))[0, :2] for k in range(2)]
         d_centre = [float((A[i, :2] - c).norm()) for i, c in zip((468, 473), centres)]
         refined = list(LIPS_IDX) + list(LEFT_EYE_IDX) + list(RIGHT_EYE_IDX)
-        d_ref = float((A[refined, :2] - P[refined, :2]).norm(dim=1).mean())
-        print(f"| {name} | {d_score:.1e} / {d_kp:.4f} | {raw:.1e} / {dxy.max():.4f} / {dxy.mean():.4f} / "
-              f"{dxy.max() * img_scale:.4f} | {d_pres:.1e} | {dxy_i.max():.4f} / {dxy_i.mean():.4f} / {iris_img:.4f} | "
+        d_ref = float((att[0, refined, :2] - pts[0, refined, :2]).norm(dim=1).mean())
+        print(f"| {name} | {d_score:.1e} / {d_kp:.1e} | {raw:.1e} / {dxy.max():.1e} / {dxy.mean():.1e} / "
+              f"{dxy.max() * img_scale:.1e} | {d_pres:.1e} | {dxy_i.max():.1e} / {dxy_i.mean():.1e} / {iris_img:.1e} | "
               f"{d_centre[0]:.2f}, {d_centre[1]:.2f} / {d_ref:.2f} |")
-    print(f"\nworst: detector keypoints {worst['det_kp']:.4f} px (128), 468 mesh {worst['mesh']:.4f} px (192), "
-          f"iris {worst['iris']:.4f} px (64)")
+    print(f"\nworst: detector keypoints {worst['det_kp']:.1e} px (128), 468 mesh {worst['mesh']:.1e} px (192), "
+          f"iris {worst['iris']:.1e} px (64)")
 
 
 def main() -> None:

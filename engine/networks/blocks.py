@@ -5,7 +5,8 @@ Every block knows how to pull its weights out of a `TFLiteGraph` by following th
 t_out the tensor it produces. Shapes and op options are asserted, so a wrong block order or a
 wrong padding mode fails at load time instead of giving subtly wrong numbers.
 
-Forward passes are plain tensor ops with static shapes (no graph interpretation), NCHW.
+Forward passes are plain tensor ops with static shapes (no graph interpretation); tensors have
+NCHW shapes and the nets keep them in channels-last memory (see `channels_last`).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class TFConv2d(nn.Conv2d):
         k = self.kernel_size[0]
         if (o["stride_h"], o["stride_w"]) != self.stride or o["act"] is not None:
             raise ValueError(f"op {op.index}: stride/act {o} do not match {self}")
-        # a 1x1 conv (or a conv on a 1x1 output) is indifferent to SAME vs VALID
+        # a 1x1 stride-1 conv is indifferent to SAME vs VALID (the detector heads say SAME)
         if o["padding"] != self.tf_padding and not (k == 1 and self.stride == (1, 1)):
             raise ValueError(f"op {op.index}: padding {o['padding']} != {self.tf_padding}")
         w, b = g.weights(op)

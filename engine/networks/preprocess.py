@@ -177,7 +177,7 @@ def decode_detections(regressors: torch.Tensor, logits: torch.Tensor, info: Lett
     wh = r[:, 2:4]
     boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
     kps = r[:, 4:16].reshape(-1, 6, 2) + a[:, None, :]
-    valid = (wh > 0).all(dim=1)
+    valid = (wh >= 0).all(dim=1)  # boxes with negative width or height are dropped
     boxes, kps, sc = boxes[valid].cpu().double().numpy(), kps[valid].cpu().double().numpy(), sc[valid].cpu().double().numpy()
     dets = []
     L, W, H = info.side, info.width, info.height
