@@ -6,6 +6,7 @@ Search order (DESIGN.md): the folder named by ``FACESTREAM_ASSETS``, then the us
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -153,13 +154,22 @@ def _mediapipe_contours_from_wheel() -> dict | None:
         wheel = next(Path(tmp).glob("mediapipe-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             src = zf.read("mediapipe/python/solutions/face_mesh_connections.py").decode()
-    namespace: dict = {}
-    exec(compile(src, "face_mesh_connections.py", "exec"), namespace)  # plain constant definitions
-    keys = {"lips": "FACEMESH_LIPS", "left_eye": "FACEMESH_LEFT_EYE", "left_eyebrow": "FACEMESH_LEFT_EYEBROW",
-            "left_iris": "FACEMESH_LEFT_IRIS", "right_eye": "FACEMESH_RIGHT_EYE",
-            "right_eyebrow": "FACEMESH_RIGHT_EYEBROW", "right_iris": "FACEMESH_RIGHT_IRIS",
-            "face_oval": "FACEMESH_FACE_OVAL"}
-    return {k: sorted([list(e) for e in namespace[v]]) for k, v in keys.items() if v in namespace}
+    return parse_contours(src)
+
+
+def parse_contours(src: str) -> dict | None:
+    """MediaPipe's face_mesh_connections.py text -> {contour name: [[a, b], ...]} in file order."""
+    keys = {"FACEMESH_LIPS": "lips", "FACEMESH_LEFT_EYE": "left_eye", "FACEMESH_LEFT_EYEBROW": "left_eyebrow",
+            "FACEMESH_LEFT_IRIS": "left_iris", "FACEMESH_RIGHT_EYE": "right_eye",
+            "FACEMESH_RIGHT_EYEBROW": "right_eyebrow", "FACEMESH_RIGHT_IRIS": "right_iris",
+            "FACEMESH_FACE_OVAL": "face_oval"}
+    # read the edge lists as literals (frozenset([...]) assignments); nothing from the wheel is executed
+    out = {}
+    for node in ast.parse(src).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in keys and isinstance(node.value, ast.Call) and node.value.args):
+            out[keys[node.targets[0].id]] = [list(e) for e in ast.literal_eval(node.value.args[0])]
+    return out or None
 
 
 def fetch_ict(dest_root: Path) -> Path:

@@ -122,7 +122,7 @@ def cmd_bench(args) -> int:
         rgb = frame.rgb
         if args.size:
             w, h = (int(v) for v in args.size.lower().split("x"))
-            rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+            rgb = np.array(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
         frames.append((rgb, frame.pts, frame.decode_ms))
         if args.frames and len(frames) >= args.frames:
             break

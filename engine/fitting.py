@@ -48,13 +48,15 @@ class LandmarkFitter:
         self.L0 = lm_neutral[self.idx].astype(np.float64)
         self.Lid_all = lm_id[:, self.idx].astype(np.float64)  # (100, N, 3)
         self.Lexp = lm_exp[:, self.idx].astype(np.float64)  # (53, N, 3)
+        self._id_flat = np.ascontiguousarray(self.Lid_all.reshape(len(self.Lid_all), -1))
+        self._exp_flat = np.ascontiguousarray(self.Lexp.reshape(len(self.Lexp), -1))
         self.n_id_fit = n_id_fit
         self.w = np.repeat(np.asarray(point_weight, np.float64), 2)  # per residual
         self.fixed_exp = np.asarray(fixed_exp, bool)  # set from elsewhere (gaze), not fitted
         self.weights = weights or FitWeights()
 
     def model_points(self, identity: np.ndarray, expression: np.ndarray) -> np.ndarray:
-        return (self.L0 + np.tensordot(identity, self.Lid_all, 1) + np.tensordot(expression, self.Lexp, 1))
+        return self.L0 + (identity @ self._id_flat + expression @ self._exp_flat).reshape(self.L0.shape)
 
     def initial_translation(self, obs: np.ndarray, rotation_cam: np.ndarray, points: np.ndarray,
                             camera: Camera) -> np.ndarray:

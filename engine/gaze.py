@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from engine.geometry import euler_to_matrix
+
 # MediaPipe mesh indices, subject's own sides. Axis points go toward image +x (the subject's left).
 EYES = {
     "right": {"axis": (33, 133), "lids": (159, 145), "iris": 468},
@@ -22,8 +24,8 @@ ICT_EYE_LOOK = {
 class GazeEstimator:
     """Gaze per eye from the observed iris centre and the fitted head.
 
-    The iris centre of the face model is turned about its eyeball centre (yaw, then pitch, relative to
-    the model's rest gaze) until its projection lands on the observed iris centre: a 2-parameter
+    The iris centre of the face model is turned about its eyeball centre (yaw, then pitch, from the
+    model's rest gaze; the result is reported from straight ahead) until its projection lands on the observed iris centre: a 2-parameter
     Gauss-Newton per eye, so head pose and perspective are accounted for. As the lids close the iris
     is hidden and its landmark meaningless, so the estimate fades to zero with the lid opening.
     """
@@ -32,6 +34,10 @@ class GazeEstimator:
         self.model = model
         lm = model.lm_neutral
         self.open0 = {side: _opening(lm[:, :2], ids) for side, ids in EYES.items()}
+        # ICT's eyes rest slightly outward; report gaze relative to straight ahead (the head's +z)
+        ax = model.eye_axes.astype(np.float64)
+        self.rest_deg = {side: (math.degrees(math.atan2(ax[k, 0], ax[k, 2])), math.degrees(math.asin(ax[k, 1])))
+                         for k, side in enumerate(("left", "right"))}
 
     def __call__(self, landmarks_px: np.ndarray, camera, rotation_cam: np.ndarray, translation: np.ndarray,
                  identity: np.ndarray, expression: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -44,9 +50,10 @@ class GazeEstimator:
             target = landmarks_px[EYES[side]["iris"], :2]
 
             def project(angles):
-                rot = self.model._gaze_rotation(angles[0], angles[1]).astype(np.float64)
-                p = centre + rot @ (iris - centre)
-                return camera.project(rotation_cam @ p + translation)
+                # same convention as the face model's eyeball rotation: yaw about +y, then pitch up
+                rot = euler_to_matrix(math.degrees(angles[0]), math.degrees(angles[1]), 0.0)
+                p = rotation_cam @ (centre + rot @ (iris - centre)) + translation
+                return np.array([camera.fx * p[0] / p[2] + camera.cx, camera.fy * p[1] / p[2] + camera.cy])
 
             ang = np.zeros(2)
             for _ in range(4):
@@ -55,7 +62,8 @@ class GazeEstimator:
                 ang = np.clip(ang - np.linalg.lstsq(jac, r, rcond=None)[0], -0.8, 0.8)
             ratio = _opening(landmarks_px[:, :2], EYES[side]) / max(self.open0[side], 1e-6)
             visible = float(np.clip((ratio - 0.25) / 0.35, 0.0, 1.0))
-            out[side] = (math.degrees(ang[0]) * visible, math.degrees(ang[1]) * visible)
+            rest_yaw, rest_pitch = self.rest_deg[side]
+            out[side] = ((math.degrees(ang[0]) + rest_yaw) * visible, (math.degrees(ang[1]) + rest_pitch) * visible)
         return out
 
 

@@ -107,7 +107,7 @@ class MediaSource:
 def load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise MediaError(f"{path}: not a readable image ({_reason(exc)})") from None
 
