@@ -74,3 +74,21 @@ def test_eye_closure_shows_as_a_peak_of_eye_blink(pack):
     assert closed > 0.6, f"eyes-closed segment: mean eyeBlink {closed:.2f}"
     assert wide < 0.25, f"eyes-wide segment: mean eyeBlink {wide:.2f}"
     assert closed > baseline + 0.3, f"closed {closed:.2f} vs median {baseline:.2f}"
+
+
+def test_lost_face_gives_face_false_then_reacquires(pack):
+    """Face video -> a stretch of frames without a face -> the face again: the tracker reports
+    face: false while it is gone and finds it again through the detector."""
+    from engine.tracker import TrackerConfig
+
+    face = [f.rgb for f in itertools.islice(MediaSource(media_path("liveportrait_d0.mp4")).frames(), 10)]
+    h, w = face[0].shape[:2]
+    empty = [np.asarray(__import__("PIL.Image").Image.fromarray(f.rgb).resize((w, h)))
+             for f in itertools.islice(MediaSource(media_path("no_face.mp4")).frames(), 10)]
+    tracker = pack.tracker(TrackerConfig(detect_every=0))
+    seq = face + empty + face
+    states = [tracker.process(np.ascontiguousarray(img), i, t_seconds=i / 25) for i, img in enumerate(seq)]
+    flags = [s.face for s in states]
+    assert all(flags[:10]), flags
+    assert not any(flags[10:20]), flags
+    assert all(flags[21:30]), flags  # re-acquired within one frame
