@@ -167,6 +167,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- eval-prdl
+
+def cmd_eval_prdl(args) -> int:
+    from engine.eval_prdl import evaluate, format_report
+    from engine.refine import RefineConfig
+
+    cfg = RefineConfig(anchors=args.anchors, points=args.points, iterations=args.iterations)
+    result = evaluate(args.faces, cfg, seed=args.seed)
+    result["machine"] = machine_description()
+    print(format_report(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 # ---------------------------------------------------------------- assets
 
 def cmd_assets(args) -> int:
@@ -219,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="resize frames to WxH before tracking (e.g. 640x480); resizing is not timed")
     _add_tracking_args(p)
     p.set_defaults(func=cmd_bench)
+
+    from engine.refine import RefineConfig
+
+    defaults = RefineConfig()
+    p = sub.add_parser("eval-prdl", help="PRDL refinement on synthetic faces with known coefficients")
+    p.add_argument("--faces", type=int, default=60, help="number of synthetic faces (cycling through the cases)")
+    p.add_argument("--anchors", type=int, default=defaults.anchors, help="anchor grid is N x N")
+    p.add_argument("--points", type=int, default=defaults.points, help="points per part")
+    p.add_argument("--iterations", type=int, default=defaults.iterations)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_eval_prdl)
 
     p = sub.add_parser("assets", help="check or fetch the model files")
     p.add_argument("action", choices=["check", "fetch"])

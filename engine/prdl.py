@@ -61,8 +61,8 @@ def _is_cupy(xp) -> bool:
 
 
 def _float_dtype(a, xp):
-    dt = a.dtype
-    return dt if xp.issubdtype(dt, xp.floating) else xp.dtype(xp.float32)
+    dt = np.dtype(a.dtype)
+    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float32)
 
 
 # ------------------------------------------------------------------ sampling and anchors
@@ -194,7 +194,7 @@ def part_index(part_labels, n_parts: int = 8, *, max_points: int | None = None, 
     ``part_labels`` (V,) int (-1 none). Returns (index (parts, Pmax) int64 with -1 padding,
     valid (parts, Pmax) bool). With ``max_points``, a part with more vertices keeps a fixed subset
     chosen by farthest point sampling on ``layout`` (V, 2), e.g. the neutral mesh's frontal (x, y).
-    Gather with ``verts2d[np.maximum(index, 0)]`` and mask with ``valid & visible[index]``.
+    Gather with ``verts2d[np.maximum(index, 0)]``; mask with ``valid & visible[np.maximum(index, 0)]``.
     """
     lab = np.asarray(part_labels)
     groups = []

@@ -212,3 +212,62 @@ def vertex_visibility_splat(verts_px, H: int, W: int, radius: float = 2.0, tol=0
         other = lay != k
         vis[other] &= z[other] <= zb[k, idx[other]] + layer_tol
     return vis
+
+
+# ------------------------------------------------------------------ benchmark: python -m engine.raster
+
+def _face_report(sizes=(128, 224), reps: int = 10) -> None:  # pragma: no cover - needs the assets
+    """Timings and splat-vs-raster visibility agreement on the ICT tracking mesh."""
+    import time
+
+    from engine.face_model import FaceModel
+    from engine.geometry import FLIP, Camera, euler_to_matrix
+
+    m = FaceModel.load()
+    nf = m.n_face_vertices
+    layers = (np.arange(m.n_vertices) >= nf).astype(np.int64)
+    tol = 0.5
+    eye = np.arange(nf, m.n_vertices)
+    v0 = m.vertices()
+    centre = 0.5 * (v0.min(0) + v0.max(0))
+    blink = m.exp_names.index("eyeBlink_L"), m.exp_names.index("eyeBlink_R")
+    poses = [(0, 0, 0.0), (0, 0, 1.0), (30, 0, 0.0), (-45, 10, 0.0), (60, -10, 0.0), (0, 25, 1.0), (-20, -20, 0.0)]
+
+    def project(verts, size, yaw, pitch):
+        f = size * 60.0 / 32.0
+        cam = Camera(f, f, (size - 1) / 2, (size - 1) / 2, size, size)
+        pc = (verts - centre) @ (FLIP @ euler_to_matrix(yaw, pitch, 0.0)).T + np.array([0.0, 0.0, 60.0])
+        return np.concatenate([cam.project(pc), pc[:, 2:]], 1)
+
+    def best_ms(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(ts))
+
+    print("| size | yaw, pitch, blink | raster ms | splat ms | splat = raster 1x | splat = raster 4x | "
+          "raster 1x = 4x | eyeball verts visible: raster 1x / splat / raster 4x |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size in sizes:
+        for yaw, pitch, b in poses:
+            e = np.zeros(m.n_exp, np.float32)
+            e[list(blink)] = b
+            verts = m.vertices(None, e)
+            vp = project(verts, size, yaw, pitch)
+            vh = project(verts, 4 * size, yaw, pitch)
+            fid, dep = rasterize(vp, m.faces, size, size, return_depth=True)
+            r1 = visible_vertices(vp, fid, m.faces, depth=dep, tol=0.1)
+            r4 = visible_vertices(vh, rasterize(vh, m.faces, 4 * size, 4 * size), m.faces)
+            s = vertex_visibility_splat(vp, size, size, 2.0, tol, layers=layers)
+            t_r = best_ms(lambda: rasterize(vp, m.faces, size, size))
+            t_s = best_ms(lambda: vertex_visibility_splat(vp, size, size, 2.0, tol, layers=layers))
+            print(f"| {size} | {yaw}, {pitch}, {b:g} | {t_r:.1f} | {t_s:.2f} | {100 * (s == r1).mean():.1f}% | "
+                  f"{100 * (s == r4).mean():.1f}% | {100 * (r1 == r4).mean():.1f}% | "
+                  f"{r1[eye].sum()} / {s[eye].sum()} / {r4[eye].sum()} |")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _face_report()

@@ -1,17 +1,23 @@
 """Per-frame PRDL refinement of expression and pose (3DDFA-V3's part re-projection distance, online).
 
-After the regressor's answer, a few Gauss-Newton iterations move expression (bounded to [0, 1]) and head
-pose so that the re-projected mesh parts (eyes, brows, lips, nose, skin) match the 2D part masks of the
-same frame, measured with PRDL's anchor descriptors (min / max / mean distance from a grid of anchors to
-each part's points). A prior keeps the answer near the regressor's and the previous frame's; identity is
-held. Geometry on arrays only (NumPy here; the PRDL statistics run on CuPy where arrays live on a GPU).
+After the regressor's answer, a few Levenberg-Marquardt iterations move expression (bounded to [0, 1]) and
+head pose so that the re-projected mesh parts (eyes, brows, lips, nose, skin) match the 2D part masks of
+the same frame, measured with PRDL's anchor descriptors (min / max / mean distance from a grid of anchors
+to each part's points). A prior keeps the answer near the regressor's and the previous frame's; identity
+is held. Geometry on arrays only: no network code, no torch.
+
+Point sets: a part's target pixels and its visible re-projected points are both thinned with the same
+grid (one point per cell, the one nearest the cell centre), so the two sets have the same density and the
+descriptors agree at the true answer (fixed vertex subsets follow the mesh's uneven vertex density, which
+biases f_mean and the optimum). Eyes are represented by points blended between paired upper- and
+lower-lid landmarks: an eyeball's own vertices do not move when the lids close (only their visibility
+changes, which has no gradient).
 
 Units: crop coordinates scaled so that the part-mask crop is 100 units wide, whatever its pixel size, so
 the prior weights mean the same at any resolution.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,11 +29,18 @@ from engine.geometry import Camera, rodrigues
 from engine.raster import vertex_visibility_splat
 
 CROP_UNITS = 100.0
+# paired lower/upper lid landmarks (MediaPipe indices, corner to corner, subject's sides)
+EYE_LIDS = {
+    "left_eye": ((263, 249, 390, 373, 374, 380, 381, 382, 362), (263, 466, 388, 387, 386, 385, 384, 398, 362)),
+    "right_eye": ((33, 7, 163, 144, 145, 153, 154, 155, 133), (33, 246, 161, 160, 159, 158, 157, 173, 133)),
+}
+LID_BLENDS = np.linspace(0.0, 1.0, 9)
+MIN_CELL = 1.0  # crop units; about the mesh's vertex spacing at a typical crop
+CANDIDATES_PER_POINT = 4
 
 
 class PartMasks(Protocol):
-    """What refinement needs of a segmentation result (engine.segmentation.PartMasks has it); PRDL stays
-    free of network code."""
+    """What refinement needs of a segmentation result (engine.segmentation.PartMasks has it)."""
 
     @property
     def size(self) -> int: ...
@@ -40,12 +53,12 @@ class PartMasks(Protocol):
 @dataclass
 class RefineConfig:
     anchors: int = 16  # anchor grid n x n over the crop
-    points: int = 96  # predicted vertices per part (fixed subset) and target pixels per part (FPS)
+    points: int = 96  # about this many points per part, target and prediction alike
     iterations: int = 3
-    prior: float = 0.5  # pull toward the regressor's expression, per unit weight^2
-    temporal: float = 0.2  # pull toward the previous frame's refined expression
+    prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
+    temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 1e-2
-    part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5)
+    part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -56,49 +69,107 @@ class RefineResult:
     loss_before: float
     loss_after: float
     iterations: int
-    visible_parts: list[bool] = field(default_factory=list)
+    used_parts: list[bool] = field(default_factory=list)
 
 
 @dataclass
 class Targets:
     desc: np.ndarray  # (8, A, 3)
     valid: np.ndarray  # (8,) bool
+    cells: np.ndarray  # (8,) thinning grid cell per part, crop units
     anchors: np.ndarray  # (A, 2) crop units
     masks: PartMasks
+
+
+def grid_thin(points: np.ndarray, cell: float) -> np.ndarray:
+    """Indices of one point per occupied grid cell: the point nearest the cell's centre."""
+    if len(points) == 0:
+        return np.zeros(0, np.int64)
+    g = np.floor(points / cell)
+    key = g[:, 0] * 1_000_003.0 + g[:, 1]
+    off = points - (g + 0.5) * cell
+    d = (off * off).sum(1)
+    order = np.lexsort((d, key))
+    first = np.ones(len(order), bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    return order[first]
+
+
+def thin_to(points: np.ndarray, cell: float, pmax: int) -> np.ndarray:
+    idx = grid_thin(points, cell)
+    while len(idx) > pmax:  # rare: a part larger than its target; coarsen until it fits
+        cell *= np.sqrt(len(idx) / pmax) * 1.05
+        idx = grid_thin(points, cell)
+    return idx
 
 
 class PrdlRefiner:
     def __init__(self, model: FaceModel, config: RefineConfig | None = None, fixed_exp: np.ndarray | None = None):
         self.model = model
         self.config = cfg = config or RefineConfig()
-        idx, valid = prdl.part_index(model.part_labels, len(model.part_names), max_points=cfg.points,
-                                     layout=model.neutral[:, :2])
-        self.sel = np.unique(idx[valid])
-        pos = np.full(model.n_vertices, -1, np.int64)
-        pos[self.sel] = np.arange(len(self.sel))
-        self.part_pos = np.where(valid, pos[np.maximum(idx, 0)], 0)
-        self.part_valid = valid
-        self.neutral = model.neutral[self.sel].astype(np.float64)
-        self.id_basis = model.id_basis[:, self.sel].astype(np.float64)
-        self.exp_basis = model.exp_basis[:, self.sel].astype(np.float64)
+        self.pmax = int(1.5 * cfg.points)
+        names = list(model.part_names)
+        labels = np.asarray(model.part_labels)
+        eye_parts = [names.index(p) for p in EYE_LIDS]
+        # candidate vertices: each part's vertices, thinned once (on the neutral face seen from the front)
+        # to a few times the points a frame needs, which keeps every frame's projection and thinning small
+        idx, valid = prdl.part_index(np.where(np.isin(labels, eye_parts), -1, labels), len(names),
+                                     max_points=CANDIDATES_PER_POINT * cfg.points, layout=model.neutral[:, :2])
+        verts = np.sort(idx[valid])
+        # eye-opening points: blends of landmark points, appended after the vertices
+        blends, blend_part, proxy = [], [], []
+        eyeball_ids = np.concatenate([np.arange(model.n_vertices)[sl] for sl in model.eyeball_slices.values()])
+        n_lm = model.lm_neutral.shape[0]
+        for part, (lower, upper) in EYE_LIDS.items():
+            rows = []
+            for a, b in zip(lower[1:-1], upper[1:-1]):
+                for w in LID_BLENDS:
+                    row = np.zeros(n_lm)
+                    row[a], row[b] = 1.0 - w, w
+                    rows.append(row)
+            for corner in (lower[0], lower[-1]):
+                row = np.zeros(n_lm)
+                row[corner] = 1.0
+                rows.append(row)
+            rows = np.array(rows)
+            pts = rows @ model.lm_neutral
+            d = np.linalg.norm(model.neutral[eyeball_ids][None] - pts[:, None], axis=2)
+            proxy.extend(eyeball_ids[d.argmin(1)])  # visible when the eyeball behind it is
+            blends.extend(rows)
+            blend_part.extend([names.index(part)] * len(rows))
+        blends = np.array(blends)
+        self.cand_part = np.concatenate([labels[verts], blend_part]).astype(np.int64)
+        self.vis_source = np.concatenate([verts, np.array(proxy, np.int64)])
+        self.neutral = np.concatenate([model.neutral[verts], blends @ model.lm_neutral]).astype(np.float64)
+        self.id_basis = np.concatenate([model.id_basis[:, verts], np.einsum("pl,kld->kpd", blends, model.lm_id)],
+                                       axis=1).astype(np.float64)
+        exp_basis = np.concatenate([model.exp_basis[:, verts], np.einsum("pl,kld->kpd", blends, model.lm_exp)],
+                                   axis=1).astype(np.float64)
+        self.exp_basis = exp_basis
+        self.exp_flat = np.ascontiguousarray(exp_basis.reshape(len(exp_basis), -1))
         self.fixed_exp = np.zeros(model.n_exp, bool) if fixed_exp is None else np.asarray(fixed_exp, bool)
-        # visibility: the face surface and the eyeballs are separate layers (a closed lid hides the eye)
         layers = np.zeros(model.n_vertices, np.int64)
         for sl in model.eyeball_slices.values():
-            layers[sl] = 1
+            layers[sl] = 1  # the eyeballs are their own depth layer: a closed lid hides them
         self.layers = layers
         self.anchors_unit = prdl.anchor_grid(cfg.anchors, (0.0, 0.0, CROP_UNITS, CROP_UNITS))
+        self.n_parts = len(names)
 
     # ------------------------------------------------------------------ targets
     def targets(self, masks: PartMasks) -> Targets:
-        """Target descriptors of the frame's part masks (computed once per frame)."""
+        """Target descriptors of one frame's part masks."""
         labels = masks.label_map()
-        sets = prdl.label_point_sets(labels, len(self.model.part_names), max_points=self.config.points)
         k = CROP_UNITS / masks.size
-        sets = [(s + 0.5) * k for s in sets]  # pixel centres -> crop units
-        pts, mask = prdl.pack_parts(sets, np, dtype=np.float64)
+        sets, cells = [], np.zeros(self.n_parts)
+        for p in range(self.n_parts):
+            rows, cols = np.nonzero(labels == p)
+            pts = (np.column_stack([cols, rows]).astype(np.float64) + 0.5) * k
+            cell = max(np.sqrt(len(pts) * k * k / self.config.points), MIN_CELL)
+            cells[p] = cell
+            sets.append(pts[thin_to(pts, cell, self.pmax)])
+        pts, mask = prdl.pack_parts(sets, np, dtype=np.float64, pmax=self.pmax)
         desc = prdl.part_descriptors(pts, mask, self.anchors_unit, np)
-        return Targets(desc, mask.any(1), self.anchors_unit, masks)
+        return Targets(desc, mask.any(1), cells, self.anchors_unit, masks)
 
     # ------------------------------------------------------------------ geometry
     def _crop_affine(self, masks: PartMasks) -> tuple[np.ndarray, np.ndarray]:
@@ -109,41 +180,62 @@ class PrdlRefiner:
         k = CROP_UNITS / masks.size
         return m * k, (o + 0.5) * k
 
-    def visibility(self, rc: np.ndarray, t: np.ndarray, identity: np.ndarray, expression: np.ndarray,
-                   camera: Camera, masks: PartMasks) -> np.ndarray:
-        """(len(sel),) bool: which of the sampled part vertices the camera sees (splat z-buffer)."""
+    def visibility(self, rc, t, identity, expression, camera: Camera, m, b) -> np.ndarray:
+        """Which candidate points the camera sees (splat z-buffer over the whole tracking mesh)."""
         verts = self.model.vertices(identity, expression).astype(np.float64) @ rc.T + t
-        m, b = self._crop_affine(masks)
         uv = camera.project(verts) @ m.T + b
         px_per_cm = np.linalg.norm(m[:, 0]) * camera.fx / max(t[2], 1e-3)
         cell = max(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
         vis = vertex_visibility_splat(np.column_stack([uv, verts[:, 2]]), int(CROP_UNITS) + 1,
                                       int(CROP_UNITS) + 1, radius=cell, tol=0.5, layers=self.layers,
                                       layer_tol=0.05)
-        return vis[self.sel]
+        return vis[self.vis_source]
 
-    def _points_and_jacobian(self, rc, t, exp, identity, camera, m, b, free):
-        x = self.neutral + np.tensordot(identity, self.id_basis, 1) + np.tensordot(exp, self.exp_basis, 1)
+    def _select(self, uv: np.ndarray, visible: np.ndarray, cells: np.ndarray):
+        """Thinned visible points per part -> (index (8, pmax) into candidates, mask (8, pmax))."""
+        index = np.zeros((self.n_parts, self.pmax), np.int64)
+        mask = np.zeros((self.n_parts, self.pmax), bool)
+        for p in range(self.n_parts):
+            cand = np.nonzero((self.cand_part == p) & visible)[0]
+            sel = cand[thin_to(uv[cand], cells[p], self.pmax)]
+            index[p, :len(sel)] = sel
+            mask[p, :len(sel)] = True
+        return index, mask
+
+    def _project(self, base, rc, t, e, camera, m, b):
+        x = base + (e @ self.exp_flat).reshape(base.shape)
         rp = x @ rc.T
         pc = rp + t
+        uv = np.stack([camera.fx * pc[:, 0] / pc[:, 2] + camera.cx,
+                       camera.fy * pc[:, 1] / pc[:, 2] + camera.cy], 1) @ m.T + b
+        return uv, rp, pc
+
+    def _jacobian(self, index, mask, rp, pc, rc, camera, m, free):
+        """d(crop point)/d(rotation, translation, free expressions) for the selected points,
+        (parts, pmax, 2, n); padded slots stay zero."""
+        n_e = int(free.sum())
+        jac = np.zeros(index.shape + (2, 6 + n_e))
+        rows = index[mask]
+        rp, pc = rp[rows], pc[rows]
         z = pc[:, 2]
         a = np.zeros((len(z), 2, 3))
         a[:, 0, 0] = camera.fx / z
         a[:, 0, 2] = -camera.fx * pc[:, 0] / z**2
         a[:, 1, 1] = camera.fy / z
         a[:, 1, 2] = -camera.fy * pc[:, 1] / z**2
-        a = np.einsum("ij,njk->nik", m, a)  # image px -> crop units
-        uv = np.stack([camera.fx * pc[:, 0] / z + camera.cx, camera.fy * pc[:, 1] / z + camera.cy], 1) @ m.T + b
-        n_e = int(free.sum())
-        jac = np.empty((len(z), 2, 6 + n_e))
-        for k in range(3):
-            ek = np.zeros(3)
-            ek[k] = 1.0
-            jac[:, :, k] = np.einsum("nij,nj->ni", a, np.cross(ek, rp))
-        jac[:, :, 3:6] = a
-        rexp = np.einsum("ij,knj->kni", rc, self.exp_basis[free])
-        jac[:, :, 6:] = np.einsum("nij,knj->nik", a, rexp)
-        return uv, jac
+        a = m @ a  # image px -> crop units
+        j = np.empty((len(z), 2, 6 + n_e))
+        # left-multiplied rotation increment w: d(pc) = w x rp = -[rp]x w
+        cross = np.zeros((len(z), 3, 3))
+        cross[:, 0, 1], cross[:, 0, 2] = rp[:, 2], -rp[:, 1]
+        cross[:, 1, 0], cross[:, 1, 2] = -rp[:, 2], rp[:, 0]
+        cross[:, 2, 0], cross[:, 2, 1] = rp[:, 1], -rp[:, 0]
+        j[:, :, :3] = a @ cross
+        j[:, :, 3:6] = a
+        basis = self.exp_basis[free][:, rows] @ rc.T  # (k, n, 3) rotated expression deltas
+        j[:, :, 6:] = a @ basis.transpose(1, 2, 0)
+        jac[mask] = j
+        return jac
 
     # ------------------------------------------------------------------ refinement
     def refine(self, targets: Targets, camera: Camera, rotation_cam: np.ndarray, translation: np.ndarray,
@@ -152,24 +244,34 @@ class PrdlRefiner:
         cfg = self.config
         rc, t = rotation_cam.copy(), translation.astype(np.float64).copy()
         e = np.clip(expression.astype(np.float64), 0.0, 1.0)
-        prior = e.copy() if exp_prior is None else exp_prior
+        prior = e.copy() if exp_prior is None else np.asarray(exp_prior, np.float64)
         m, b = self._crop_affine(targets.masks)
-        vis = self.visibility(rc, t, identity, e, camera, targets.masks)
-        mask = self.part_valid & vis[self.part_pos]
+        base = self.neutral + np.tensordot(identity, self.id_basis, 1)
+        visible = self.visibility(rc, t, identity, e, camera, m, b)
         free = ~self.fixed_exp
         n_e = int(free.sum())
         weights = np.asarray(cfg.part_weights, np.float64)
-        loss_before = loss = None
+
+        def evaluate(rc_, t_, e_):
+            uv, rp, pc = self._project(base, rc_, t_, e_, camera, m, b)
+            index, mask = self._select(uv, visible, targets.cells)
+            terms = prdl.gauss_newton_terms(uv[index], mask, targets.desc, targets.anchors, weights,
+                                            target_valid=targets.valid)
+            d = e_[free] - prior[free]
+            total = terms.loss + cfg.prior * float(d @ d)
+            if exp_prev is not None:
+                dp = e_[free] - exp_prev[free]
+                total += cfg.temporal * float(dp @ dp)
+            return total, terms, (index, mask, rp, pc)
+
+        total, terms, geo = evaluate(rc, t, e)
+        loss_before = terms.loss
+        lam = cfg.damping
         it = 0
         for it in range(1, cfg.iterations + 1):
-            uv, jac = self._points_and_jacobian(rc, t, e, identity, camera, m, b, free)
-            pts = uv[self.part_pos]
-            terms = prdl.gauss_newton_terms(pts, mask, targets.desc, targets.anchors, weights,
-                                            target_valid=targets.valid)
-            loss = terms.loss
-            if loss_before is None:
-                loss_before = loss
-            jtj, jtr = prdl.normal_equations(jac[self.part_pos], terms)
+            index, mask, rp, pc = geo
+            jac = self._jacobian(index, mask, rp, pc, rc, camera, m, free)
+            jtj, jtr = prdl.normal_equations(jac, terms, mean_anchor_stride=2)
             ef = e[free]
             sl = slice(6, 6 + n_e)
             diag = np.full(n_e, cfg.prior)
@@ -180,17 +282,22 @@ class PrdlRefiner:
             jtj[sl, sl] += np.diag(diag)
             active = np.ones(6 + n_e, bool)
             active[sl] = ~(((ef <= 0.0) & (jtr[sl] > 0)) | ((ef >= 1.0) & (jtr[sl] < 0)))
-            h = jtj[np.ix_(active, active)]
-            h = h + cfg.damping * np.diag(np.diag(h) + 1e-6)
-            delta = np.zeros(6 + n_e)
-            delta[active] = -np.linalg.solve(h, jtr[active])
-            rc = rodrigues(delta[:3]) @ rc
-            t = t + delta[3:6]
-            e[free] = np.clip(ef + delta[sl], 0.0, 1.0)
-        uv, _ = self._points_and_jacobian(rc, t, e, identity, camera, m, b, free)
-        loss_after = prdl.gauss_newton_terms(uv[self.part_pos], mask, targets.desc, targets.anchors, weights,
-                                             target_valid=targets.valid).loss
-        if loss_after > loss_before:  # never hand back something worse than the start
-            rc, t, e, loss_after = rotation_cam.copy(), translation.copy(), np.clip(expression, 0, 1), loss_before
-        return RefineResult(rc, t, e, float(loss_before), float(loss_after), it,
-                            [bool(v) for v in (mask.any(1) & targets.valid)])
+            hh = jtj[np.ix_(active, active)]
+            improved = False
+            for _ in range(4):  # Levenberg-Marquardt: shrink the step until the objective drops
+                h = hh + lam * np.diag(np.diag(hh) + 1e-6)
+                delta = np.zeros(6 + n_e)
+                delta[active] = -np.linalg.solve(h, jtr[active])
+                rc_n, t_n, e_n = rodrigues(delta[:3]) @ rc, t + delta[3:6], e.copy()
+                e_n[free] = np.clip(ef + delta[sl], 0.0, 1.0)
+                total_n, terms_n, geo_n = evaluate(rc_n, t_n, e_n)
+                if total_n < total:
+                    rc, t, e, total, terms, geo = rc_n, t_n, e_n, total_n, terms_n, geo_n
+                    lam = max(lam * 0.3, 1e-4)
+                    improved = True
+                    break
+                lam *= 10.0
+            if not improved:
+                break
+        used = [bool(v) for v in (geo[1].any(1) & targets.valid)]
+        return RefineResult(rc, t, e, float(loss_before), float(terms.loss), it, used)
