@@ -28,7 +28,8 @@ def _error(msg: str, code: int = EXIT_INPUT) -> int:
 def _tracker_config(args):
     from engine.tracker import TrackerConfig
 
-    return TrackerConfig(hfov_deg=args.fov, detect_every=args.detect_every, filter=not args.no_filter)
+    return TrackerConfig(hfov_deg=args.fov, detect_every=args.detect_every, filter=not args.no_filter,
+                         prdl=args.prdl)
 
 
 def _add_tracking_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,10 @@ def _add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detect-every", type=int, default=30,
                    help="re-run the face detector every N frames while tracking (0: only when the face is lost)")
     p.add_argument("--no-filter", action="store_true", help="turn off the temporal (One-Euro) filter")
+    p.add_argument("--prdl", action="store_true",
+                   help="refine each frame with PRDL against part masks (experimental, off by default)")
+    p.add_argument("--prdl-masks", default="landmarks", choices=["landmarks", "parser"],
+                   help="part masks for --prdl: rasterised landmark contours, or the BiSeNetV2 face parser")
 
 
 def cmd_track(args) -> int:
@@ -56,7 +61,7 @@ def cmd_track(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pack = Pack(args.backend, args.landmark_model)
-    tracker = pack.tracker(_tracker_config(args))
+    tracker = pack.tracker(_tracker_config(args), masks=args.prdl_masks)
     overlay = None if args.no_overlay else MeshOverlay(pack.model)
     writer = None
     session = Path(args.input).stem
@@ -127,7 +132,7 @@ def cmd_bench(args) -> int:
         if args.frames and len(frames) >= args.frames:
             break
     pack = Pack(args.backend, args.landmark_model)
-    tracker = pack.tracker(_tracker_config(args))
+    tracker = pack.tracker(_tracker_config(args), masks=args.prdl_masks)
     stages: dict[str, list[float]] = {}
     faces = 0
     warmup = min(args.warmup, max(len(frames) - 1, 0))

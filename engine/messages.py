@@ -36,6 +36,7 @@ class FaceState:
     identity: np.ndarray | None = None  # (100,) identity coefficients in use
     timings_ms: dict[str, float] = field(default_factory=dict)
     time_base: str | None = None
+    prdl: dict | None = None  # refinement report: loss_before, loss_after, iterations, masks
 
 
 def build_message(state: FaceState, session: str, model_name: str = "ict-facekit",
@@ -67,6 +68,8 @@ def build_message(state: FaceState, session: str, model_name: str = "ict-facekit
     msg["eyes"] = {"left": {"yaw": round(gl[0], 2), "pitch": round(gl[1], 2)},
                    "right": {"yaw": round(gr[0], 2), "pitch": round(gr[1], 2)}}
     msg["model"] = {"name": model_name, "expression": [round(float(e), 4) for e in state.expression]}
+    if state.prdl is not None:
+        msg["prdl"] = state.prdl
     if include_landmarks68 and state.landmarks68 is not None:
         msg["landmarks68"] = [[round(float(x), 2), round(float(y), 2)] for x, y in state.landmarks68]
     return msg

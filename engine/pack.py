@@ -22,9 +22,29 @@ class Pack:
         self.landmarker = Landmarker(self.backend, landmark_model)
         self.regressor = Regressor(self.model)
         self.landmark_model = landmark_model
+        self._segmenters: dict = {}
+        self._refiner = None
 
-    def tracker(self, config: TrackerConfig | None = None, camera=None) -> Tracker:
-        return Tracker(self.detector, self.landmarker, self.regressor, self.model, config, camera)
+    def tracker(self, config: TrackerConfig | None = None, camera=None, masks: str = "landmarks") -> Tracker:
+        """A per-video tracker. With config.prdl, part masks come from `masks`: "landmarks" (rasterised from
+        the landmark contours) or "parser" (the BiSeNetV2 face parser, a quality mode)."""
+        segmenter = refiner = None
+        if config is not None and config.prdl:
+            segmenter, refiner = self._prdl_parts(masks)
+        return Tracker(self.detector, self.landmarker, self.regressor, self.model, config, camera,
+                       segmenter=segmenter, refiner=refiner)
+
+    def _prdl_parts(self, masks: str):
+        from engine.refine import PrdlRefiner
+        from engine.segmentation import LandmarkSegmenter, ParserSegmenter
+
+        if masks not in ("landmarks", "parser"):
+            raise ValueError(f"unknown part-mask engine '{masks}'; choose landmarks or parser")
+        if masks not in self._segmenters:
+            self._segmenters[masks] = LandmarkSegmenter() if masks == "landmarks" else ParserSegmenter(self.backend)
+        if self._refiner is None:
+            self._refiner = PrdlRefiner(self.model, fixed_exp=self.regressor.fitter.fixed_exp)
+        return self._segmenters[masks], self._refiner
 
     def describe(self) -> dict:
         return {"pack": PACK_NAME, "backend": self.backend.describe(), "landmarks": self.landmark_model}

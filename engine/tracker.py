@@ -34,12 +34,16 @@ class TrackerConfig:
     filter_exp_min_cutoff: float = 2.0
     filter_exp_beta: float = 4.0
     filter: bool = True
+    prdl: bool = False  # PRDL refinement against part masks (engine/refine.py)
+    prdl_mask_size: int = 128  # part-mask crop size, pixels
 
 
 class Tracker:
     def __init__(self, detector: FaceDetector, landmarker: Landmarker, regressor: Regressor, model: FaceModel,
-                 config: TrackerConfig | None = None, camera: Camera | None = None):
+                 config: TrackerConfig | None = None, camera: Camera | None = None, segmenter=None, refiner=None):
         self.detector = detector
+        self.segmenter = segmenter  # part masks for PRDL: anything with .segment(rgb, landmarks, size)
+        self.refiner = refiner  # engine.refine.PrdlRefiner, used when config.prdl
         self.landmarker = landmarker
         self.regressor = regressor
         self.model = model
@@ -106,8 +110,10 @@ class Tracker:
         if fit_identity:
             self.identity_samples += 1
             self.identity += (fit.identity - self.identity) / self.identity_samples  # running mean
-        self.previous = fit
         timings["regress"] = (time.perf_counter() - t0) * 1e3
+        if self.config.prdl and self.refiner is not None:
+            fit = self._refine(rgb, points, camera, fit, state)
+        self.previous = fit
 
         t0 = time.perf_counter()
         t_s = t_seconds if t_seconds is not None else (pts if pts is not None else time.time())
@@ -137,6 +143,23 @@ class Tracker:
         state.landmarks68 = self.project_points(self.model.landmarks68(state.identity, expression), state, camera)
         timings["total"] = (time.perf_counter() - t_start) * 1e3
         return state
+
+    def _refine(self, rgb: np.ndarray, points: np.ndarray, camera: Camera, fit: FitResult,
+                state: FaceState) -> FitResult:
+        """PRDL refinement of the regressor's fit against this frame's part masks."""
+        t0 = time.perf_counter()
+        masks = self.segmenter.segment(rgb, points, self.config.prdl_mask_size)
+        t1 = time.perf_counter()
+        targets = self.refiner.targets(masks)
+        prev = self.previous.expression if self.previous is not None else None
+        res = self.refiner.refine(targets, camera, fit.rotation_cam, fit.translation, fit.expression, fit.identity,
+                                  exp_prior=fit.expression, exp_prev=prev)
+        state.timings_ms["segment"] = (t1 - t0) * 1e3
+        state.timings_ms["prdl"] = (time.perf_counter() - t1) * 1e3
+        state.prdl = {"loss_before": round(res.loss_before, 4), "loss_after": round(res.loss_after, 4),
+                      "iterations": res.iterations, "masks": masks.source}
+        return FitResult(res.rotation_cam, res.translation, res.expression, fit.identity, fit.rms_cm, fit.rms_px,
+                         fit.iterations)
 
     # ------------------------------------------------------------------ helpers
     def _detect(self, rgb: np.ndarray, timings: dict) -> Roi | None:

@@ -92,3 +92,19 @@ def test_lost_face_gives_face_false_then_reacquires(pack):
     assert all(flags[:10]), flags
     assert not any(flags[10:20]), flags
     assert all(flags[21:30]), flags  # re-acquired within one frame
+
+
+def test_prdl_refinement_in_the_tracker_reports_its_time_and_loss(pack):
+    """With PRDL on, each face message carries the refinement's loss before/after and its time."""
+    from engine.tracker import TrackerConfig
+
+    tracker = pack.tracker(TrackerConfig(prdl=True), masks="landmarks")
+    frames = itertools.islice(MediaSource(media_path("liveportrait_d3.mp4")).frames(), 20)
+    states = [tracker.process(f.rgb, f.index, pts=f.pts, t_seconds=f.pts) for f in frames]
+    assert all(s.face for s in states)
+    for s in states:
+        msg = build_message(s, "test")
+        validate_message(msg)
+        assert msg["prdl"]["loss_after"] <= msg["prdl"]["loss_before"]
+        assert {"segment", "prdl"} <= set(msg["timing_ms"])
+        assert all(0.0 <= v <= 1.0 for v in msg["blendshapes"].values())

@@ -1,0 +1,33 @@
+"""Anchor-grid / point-count ablation of PRDL refinement on synthetic faces (Markdown table).
+
+    FACESTREAM_ASSETS=../shared/assets python tools/ablate_prdl.py [--faces 60]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.eval_prdl import evaluate  # noqa: E402
+from engine.refine import RefineConfig  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--faces", type=int, default=60)
+    args = ap.parse_args()
+    print("| anchors | points/part | iterations | mean IoU before -> after | MAE all | MAE perturbed | pose err (deg) | ms/face (median) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for anchors, points, iterations in [(12, 48, 2), (16, 64, 2), (16, 96, 3), (24, 96, 3), (24, 128, 3), (32, 128, 3)]:
+        r = evaluate(args.faces, RefineConfig(anchors=anchors, points=points, iterations=iterations))
+        print(f"| {anchors}x{anchors} | {points} | {iterations} | {r['mean_iou_before']:.3f} -> {r['mean_iou_after']:.3f} | "
+              f"{r['mae_before']:.3f} -> {r['mae_after']:.3f} | {r['perturbed_mae_before']:.3f} -> "
+              f"{r['perturbed_mae_after']:.3f} | {r['pose_err_deg_before']:.2f} -> {r['pose_err_deg_after']:.2f} | "
+              f"{r['ms_per_face']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
