@@ -58,6 +58,7 @@ class RefineConfig:
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 1e-2
+    mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 
@@ -146,13 +147,15 @@ class PrdlRefiner:
         exp_basis = np.concatenate([model.exp_basis[:, verts], np.einsum("pl,kld->kpd", blends, model.lm_exp)],
                                    axis=1).astype(np.float64)
         self.exp_basis = exp_basis
+        self.exp_basis_nk = np.ascontiguousarray(exp_basis.transpose(1, 2, 0))  # (points, 3, 53) for gathers
         self.exp_flat = np.ascontiguousarray(exp_basis.reshape(len(exp_basis), -1))
         self.fixed_exp = np.zeros(model.n_exp, bool) if fixed_exp is None else np.asarray(fixed_exp, bool)
         layers = np.zeros(model.n_vertices, np.int64)
         for sl in model.eyeball_slices.values():
             layers[sl] = 1  # the eyeballs are their own depth layer: a closed lid hides them
         self.layers = layers
-        self.anchors_unit = prdl.anchor_grid(cfg.anchors, (0.0, 0.0, CROP_UNITS, CROP_UNITS))
+        # float32 distance statistics: half the memory traffic of float64, ~1e-3 unit error (prdl.py)
+        self.anchors_unit = prdl.anchor_grid(cfg.anchors, (0.0, 0.0, CROP_UNITS, CROP_UNITS), dtype=np.float32)
         self.n_parts = len(names)
 
     # ------------------------------------------------------------------ targets
@@ -169,7 +172,7 @@ class PrdlRefiner:
             sets.append(pts[thin_to(pts, cell, self.pmax)])
         pts, mask = prdl.pack_parts(sets, np, dtype=np.float64, pmax=self.pmax)
         desc = prdl.part_descriptors(pts, mask, self.anchors_unit, np)
-        return Targets(desc, mask.any(1), cells, self.anchors_unit, masks)
+        return Targets(desc.astype(np.float32), mask.any(1), cells, self.anchors_unit, masks)
 
     # ------------------------------------------------------------------ geometry
     def _crop_affine(self, masks: PartMasks) -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +235,9 @@ class PrdlRefiner:
         cross[:, 2, 0], cross[:, 2, 1] = rp[:, 1], -rp[:, 0]
         j[:, :, :3] = a @ cross
         j[:, :, 3:6] = a
-        basis = self.exp_basis[free][:, rows] @ rc.T  # (k, n, 3) rotated expression deltas
-        j[:, :, 6:] = a @ basis.transpose(1, 2, 0)
+        basis = self.exp_basis_nk[rows][:, :, free]  # (n, 3, k)
+        basis = np.einsum("ij,njk->nik", rc, basis)  # rotated expression deltas
+        j[:, :, 6:] = (a[:, :, :, None] * basis[:, None, :, :]).sum(2)
         jac[mask] = j
         return jac
 
@@ -252,26 +256,41 @@ class PrdlRefiner:
         n_e = int(free.sum())
         weights = np.asarray(cfg.part_weights, np.float64)
 
-        def evaluate(rc_, t_, e_):
-            uv, rp, pc = self._project(base, rc_, t_, e_, camera, m, b)
-            index, mask = self._select(uv, visible, targets.cells)
-            terms = prdl.gauss_newton_terms(uv[index], mask, targets.desc, targets.anchors, weights,
-                                            target_valid=targets.valid)
+        def prior_cost(e_):
             d = e_[free] - prior[free]
-            total = terms.loss + cfg.prior * float(d @ d)
+            total = cfg.prior * float(d @ d)
             if exp_prev is not None:
                 dp = e_[free] - exp_prev[free]
                 total += cfg.temporal * float(dp @ dp)
-            return total, terms, (index, mask, rp, pc)
+            return total
 
-        total, terms, geo = evaluate(rc, t, e)
+        def trial_loss(rc_, t_, e_, index, mask):
+            """Objective at a trial step, with the iteration's point selection (descriptors only)."""
+            uv, _, _ = self._project(base, rc_, t_, e_, camera, m, b)
+            desc = prdl.part_descriptors(uv[index].astype(np.float32), mask, targets.anchors, np)
+            r = (desc - targets.desc) * w_scale
+            return float((r * r).sum()) + prior_cost(e_)
+
+        w_used = weights * targets.valid
+        uv, rp, pc = self._project(base, rc, t, e, camera, m, b)
+        index, mask = self._select(uv, visible, targets.cells)
+        w_scale = np.sqrt(w_used * mask.any(1) / len(targets.anchors))[:, None, None]
+        terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors, weights,
+                                        target_valid=targets.valid)
         loss_before = terms.loss
         lam = cfg.damping
         it = 0
         for it in range(1, cfg.iterations + 1):
-            index, mask, rp, pc = geo
+            if it > 1:  # re-thin the moved points once per iteration; trials below keep this selection
+                uv, rp, pc = self._project(base, rc, t, e, camera, m, b)
+                index, mask = self._select(uv, visible, targets.cells)
+                w_scale = np.sqrt(w_used * mask.any(1) / len(targets.anchors))[:, None, None]
+                terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors,
+                                                weights, target_valid=targets.valid)
+            total = terms.loss + prior_cost(e)
             jac = self._jacobian(index, mask, rp, pc, rc, camera, m, free)
-            jtj, jtr = prdl.normal_equations(jac, terms, mean_anchor_stride=2)
+            jtj, jtr = (x.astype(np.float64) for x in prdl.normal_equations(
+                jac.astype(np.float32), terms, mean_anchor_stride=cfg.mean_anchor_stride))
             ef = e[free]
             sl = slice(6, 6 + n_e)
             diag = np.full(n_e, cfg.prior)
@@ -290,14 +309,21 @@ class PrdlRefiner:
                 delta[active] = -np.linalg.solve(h, jtr[active])
                 rc_n, t_n, e_n = rodrigues(delta[:3]) @ rc, t + delta[3:6], e.copy()
                 e_n[free] = np.clip(ef + delta[sl], 0.0, 1.0)
-                total_n, terms_n, geo_n = evaluate(rc_n, t_n, e_n)
-                if total_n < total:
-                    rc, t, e, total, terms, geo = rc_n, t_n, e_n, total_n, terms_n, geo_n
+                if trial_loss(rc_n, t_n, e_n, index, mask) < total:
+                    rc, t, e = rc_n, t_n, e_n
                     lam = max(lam * 0.3, 1e-4)
                     improved = True
                     break
                 lam *= 10.0
             if not improved:
                 break
+        uv, _, _ = self._project(base, rc, t, e, camera, m, b)
+        index, mask = self._select(uv, visible, targets.cells)
+        terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors, weights,
+                                        target_valid=targets.valid)
+        geo = (index, mask)
         used = [bool(v) for v in (geo[1].any(1) & targets.valid)]
+        if terms.loss > loss_before:  # re-thinning can cost a little: never return worse than the start
+            return RefineResult(rotation_cam.copy(), translation.copy(), np.clip(expression, 0.0, 1.0),
+                                float(loss_before), float(loss_before), it, used)
         return RefineResult(rc, t, e, float(loss_before), float(terms.loss), it, used)
