@@ -35,3 +35,15 @@ def pack():
         return Pack()
     except AssetMissingError as exc:
         pytest.skip(f"{exc}")
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The ICT-FaceKit face model with its derived topology (skips when the assets are missing)."""
+    from engine.assets import AssetMissingError
+    from engine.face_model import FaceModel
+
+    try:
+        return FaceModel.load()
+    except AssetMissingError as exc:
+        pytest.skip(f"{exc}")

@@ -14,17 +14,6 @@ def test_grid_thin_keeps_one_point_per_cell_nearest_the_centre():
 
 
 @pytest.fixture(scope="module")
-def model():
-    from engine.assets import AssetMissingError
-    from engine.face_model import FaceModel
-
-    try:
-        return FaceModel.load()
-    except AssetMissingError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def refiner(model):
     from engine.gaze import ICT_EYE_LOOK
     from engine.refine import PrdlRefiner

@@ -8,17 +8,6 @@ from engine.geometry import FLIP, Camera, euler_to_matrix, matrix_to_euler, matr
 
 
 @pytest.fixture(scope="module")
-def model():
-    from engine.assets import AssetMissingError
-    from engine.face_model import FaceModel
-
-    try:
-        return FaceModel.load()
-    except AssetMissingError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def regressor(model):
     from engine.regressor import Regressor
 
