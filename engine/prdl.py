@@ -241,7 +241,7 @@ def part_descriptors(points, mask, anchors, xp=None, eps: float = EPS, *, return
     """
     xp = xp or get_array_module(points, anchors)
     pts, mask, anchors = _as_inputs(points, mask, anchors, xp)
-    if _is_cupy(xp):
+    if _is_cupy(xp) and anchors.ndim == 2:
         desc, idx, _ = _cuda_stats(pts, mask, anchors, eps)
     else:
         desc, idx, _, _, _ = _stats(pts, mask, anchors, eps, xp)
@@ -258,7 +258,14 @@ def _as_inputs(points, mask, anchors, xp):
     if mask.shape != pts.shape[:2]:
         raise ValueError(f"mask {mask.shape} does not match points {pts.shape}")
     anchors = xp.ascontiguousarray(xp.asarray(anchors), dtype=dt)
+    if anchors.ndim == 3 and anchors.shape[0] != pts.shape[0]:
+        raise ValueError(f"per-part anchors {anchors.shape} do not match {pts.shape[0]} parts")
     return pts, mask, anchors
+
+
+def _per_part(anchors, parts: int, xp):
+    """Anchors as (parts, A, 2): a shared (A, 2) grid is broadcast, per-part grids pass through."""
+    return anchors if anchors.ndim == 3 else xp.broadcast_to(anchors[None], (parts,) + anchors.shape)
 
 
 def _fill_invalid(pts, mask, xp):
@@ -282,14 +289,13 @@ def _stats(pts, mask, anchors, eps, xp):
     parts, pm, _ = pts.shape
     dt = pts.dtype
     filled, first = _fill_invalid(pts, mask, xp)
-    c = anchors.mean(0)
+    c = anchors.mean(-2, keepdims=True)  # (1, 2) or (parts, 1, 2)
     a = anchors - c
-    v = filled - c
-    na = a.shape[0]
-    a_aug = xp.empty((na, 4), dt)
-    a_aug[:, :2] = a
-    a_aug[:, 2] = (a * a).sum(-1)
-    a_aug[:, 3] = 1.0
+    v = filled - (c if anchors.ndim == 3 else c[None])
+    a_aug = xp.empty(a.shape[:-1] + (4,), dt)
+    a_aug[..., :2] = a
+    a_aug[..., 2] = (a * a).sum(-1)
+    a_aug[..., 3] = 1.0
     v_aug = xp.empty((parts, 4, pm), dt)
     v_aug[:, 0] = -2.0 * v[..., 0]
     v_aug[:, 1] = -2.0 * v[..., 1]
@@ -297,7 +303,7 @@ def _stats(pts, mask, anchors, eps, xp):
     v_aug[:, 3] = (v * v).sum(-1) + eps
     d = xp.matmul(a_aug, v_aug)  # (parts, A, Pmax) squared distances + eps
     # rounding can push |a - v|^2 + eps below 0 only if eps is below the product's error bound
-    bound = 64 * float(xp.finfo(dt).eps) * (float(a_aug[:, 2].max()) + float(v_aug[:, 3].max()))
+    bound = 64 * float(xp.finfo(dt).eps) * (float(a_aug[..., 2].max()) + float(v_aug[:, 3].max()))
     if eps <= bound:
         xp.maximum(d, eps, out=d)
     xp.sqrt(d, out=d)
@@ -348,9 +354,9 @@ def prdl_loss_and_grad(pred_points, pred_mask, target_desc, anchors, part_weight
     pts, mask, anchors = _as_inputs(pred_points, pred_mask, anchors, xp)
     dt = pts.dtype
     target_desc = xp.asarray(target_desc, dt)
-    na = anchors.shape[0]
+    na = anchors.shape[-2]
     w, ch, _ = _effective_weights(mask, target_desc, target_valid, part_weights, channel_weights, xp, dt)
-    if _is_cupy(xp):
+    if _is_cupy(xp) and anchors.ndim == 2:
         return _cuda_loss_and_grad(pts, mask, anchors, target_desc, w, ch, eps)
 
     desc, idx, d, counts, filled = _stats(pts, mask, anchors, eps, xp)
@@ -366,7 +372,8 @@ def prdl_loss_and_grad(pred_points, pred_mask, target_desc, anchors, part_weight
     dsel = xp.maximum(desc[..., :2], np.sqrt(eps))  # empty parts have zero descriptors (and zero coef)
     csel = (coef[..., :2] / dsel).reshape(-1)
     vsel = filled.reshape(-1, 2)[flat]
-    asel = xp.broadcast_to(anchors[None, :, None, :], (parts, na, 2, 2)).reshape(-1, 2)
+    ap = _per_part(anchors, parts, xp)
+    asel = xp.broadcast_to(ap[:, :, None, :], (parts, na, 2, 2)).reshape(-1, 2)
     contrib = csel[:, None] * (vsel - asel)
     n = parts * pm
     g[:, 0] = xp.bincount(flat, weights=contrib[:, 0], minlength=n)
@@ -378,8 +385,8 @@ def prdl_loss_and_grad(pred_points, pred_mask, target_desc, anchors, part_weight
     xp.reciprocal(d, out=d)
     wmat = xp.empty((parts, 3, na), dt)
     wmat[:, 0] = cm
-    wmat[:, 1] = cm * anchors[None, :, 0]
-    wmat[:, 2] = cm * anchors[None, :, 1]
+    wmat[:, 1] = cm * ap[..., 0]
+    wmat[:, 2] = cm * ap[..., 1]
     s = xp.matmul(wmat, d)  # (parts, 3, Pmax)
     g[..., 0] += filled[..., 0] * s[:, 0] - s[:, 1]
     g[..., 1] += filled[..., 1] * s[:, 0] - s[:, 2]
@@ -410,13 +417,13 @@ class GNTerms:
     mean_scale: Any  # (parts,)
     points: Any  # (parts, Pmax, 2), padded entries filled
     mask: Any  # (parts, Pmax) bool
-    anchors: Any  # (A, 2)
+    anchors: Any  # (A, 2) shared, or (parts, A, 2) per part
     used: Any  # (parts,) bool: parts that contribute
 
     @property
     def shape(self) -> tuple[int, int, int]:
         parts, pm = self.mask.shape
-        return parts, int(self.anchors.shape[0]), pm
+        return parts, int(self.anchors.shape[-2]), pm
 
 
 def gauss_newton_terms(pred_points, pred_mask, target_desc, anchors, part_weights=None, *,
@@ -427,9 +434,9 @@ def gauss_newton_terms(pred_points, pred_mask, target_desc, anchors, part_weight
     dt = pts.dtype
     target_desc = xp.asarray(target_desc, dt)
     parts, pm, _ = pts.shape
-    na = anchors.shape[0]
+    na = anchors.shape[-2]
     w, ch, used = _effective_weights(mask, target_desc, target_valid, part_weights, channel_weights, xp, dt)
-    if _is_cupy(xp):
+    if _is_cupy(xp) and anchors.ndim == 2:
         desc, idx, counts = _cuda_stats(pts, mask, anchors, eps)
         d = None
         filled, _ = _fill_invalid(pts, mask, xp)
@@ -442,10 +449,11 @@ def gauss_newton_terms(pred_points, pred_mask, target_desc, anchors, part_weight
     ar = xp.arange(parts)[:, None, None]
     vsel = filled[ar, idx]  # (parts, A, 2, 2)
     dsel = xp.maximum(desc[..., :2, None], np.sqrt(eps))
-    unit = (vsel - anchors[None, :, None, :]) * (sw[:, None, :2, None] / dsel)
+    ap = _per_part(anchors, parts, xp)  # (parts, A, 2)
+    unit = (vsel - ap[:, :, None, :]) * (sw[:, None, :2, None] / dsel)
     # mean rows
     if d is None:
-        diff = anchors[None, :, None, :] - filled[:, None, :, :]
+        diff = ap[:, :, None, :] - filled[:, None, :, :]
         d = xp.sqrt((diff * diff).sum(-1) + eps)
     xp.reciprocal(d, out=d)
     mean_scale = sw[:, 2] / xp.maximum(counts, 1).astype(dt)
@@ -458,7 +466,7 @@ def gauss_newton_terms(pred_points, pred_mask, target_desc, anchors, part_weight
     g[:, 1] = xp.bincount(flat, weights=contrib[:, 1], minlength=parts * pm)
     g = g.reshape(parts, pm, 2)
     cm = rr[..., 2] * mean_scale[:, None]  # (parts, A)
-    wmat = xp.stack([cm, cm * anchors[None, :, 0], cm * anchors[None, :, 1]], 1)
+    wmat = xp.stack([cm, cm * ap[..., 0], cm * ap[..., 1]], 1)
     s = xp.matmul(wmat, d)
     g[..., 0] += filled[..., 0] * s[:, 0] - s[:, 1]
     g[..., 1] += filled[..., 1] * s[:, 0] - s[:, 2]
@@ -508,15 +516,15 @@ def normal_equations(points_jac, terms: GNTerms, *, mean_anchor_stride: int = 1)
         if _is_cupy(xp):
             sel = xp.asarray(sel)
         nu = len(sel)
-        a = terms.anchors[::s].astype(dt)  # (A', 2)
+        a = _per_part(terms.anchors, parts, xp)[sel, ::s].astype(dt)  # (u, A', 2)
         v = terms.points[sel].astype(dt)  # (u, Pmax, 2)
         k = terms.inv_dist[sel, ::s].astype(dt) * terms.mean_scale[sel].astype(dt)[:, None, None]
-        c = xp.empty((nu, a.shape[0], 2, pm), dt)
+        c = xp.empty((nu, a.shape[1], 2, pm), dt)
         for j in range(2):  # (u, A', Pmax) slabs: long inner loops
-            xp.subtract(v[:, None, :, j], a[None, :, j, None], out=c[:, :, j])
+            xp.subtract(v[:, None, :, j], a[:, :, j, None], out=c[:, :, j])
             c[:, :, j] *= k
         gk = xp.ascontiguousarray(G[sel].transpose(0, 2, 1, 3)).reshape(nu, 2 * pm, n)  # rows (k, v)
-        jm = xp.matmul(c.reshape(nu, a.shape[0], 2 * pm), gk).reshape(-1, n)
+        jm = xp.matmul(c.reshape(nu, a.shape[1], 2 * pm), gk).reshape(-1, n)
         jtj += (jm.T * float(s)) @ jm if s > 1 else jm.T @ jm
     return 0.5 * (jtj + jtj.T), jtr
 
@@ -532,7 +540,7 @@ def dense_point_jacobian(terms: GNTerms):
             continue
         for f in range(2):
             J[p, xp.arange(na), f, p, terms.index[p, :, f], :] = terms.unit[p, :, f]
-        diff = terms.points[p][None, :, :] - terms.anchors[:, None, :]  # (A, Pmax, 2)
+        diff = terms.points[p][None, :, :] - _per_part(terms.anchors, parts, xp)[p][:, None, :]  # (A, Pmax, 2)
         J[p, :, 2, p] = terms.mean_scale[p] * terms.inv_dist[p][..., None] * diff * terms.mask[p][None, :, None]
     return J.reshape(parts * na * 3, parts * pm * 2)
 

@@ -52,7 +52,9 @@ class PartMasks(Protocol):
 
 @dataclass
 class RefineConfig:
-    anchors: int = 16  # anchor grid n x n over the crop
+    anchors: int = 8  # anchor grid n x n: per part around its target region (local), or over the crop
+    local_anchors: bool = True  # one grid per part (small parts get as many anchors as the skin)
+    anchor_margin: float = 0.35  # local grids extend this fraction of the part's size beyond it
     points: int = 96  # about this many points per part, target and prediction alike
     iterations: int = 3
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
@@ -78,7 +80,7 @@ class Targets:
     desc: np.ndarray  # (8, A, 3)
     valid: np.ndarray  # (8,) bool
     cells: np.ndarray  # (8,) thinning grid cell per part, crop units
-    anchors: np.ndarray  # (A, 2) crop units
+    anchors: np.ndarray  # (8, A, 2) per-part grids or (A, 2) one grid, crop units
     masks: PartMasks
 
 
@@ -161,18 +163,26 @@ class PrdlRefiner:
     # ------------------------------------------------------------------ targets
     def targets(self, masks: PartMasks) -> Targets:
         """Target descriptors of one frame's part masks."""
+        cfg = self.config
         labels = masks.label_map()
         k = CROP_UNITS / masks.size
-        sets, cells = [], np.zeros(self.n_parts)
+        sets, cells, grids = [], np.zeros(self.n_parts), []
         for p in range(self.n_parts):
             rows, cols = np.nonzero(labels == p)
             pts = (np.column_stack([cols, rows]).astype(np.float64) + 0.5) * k
-            cell = max(np.sqrt(len(pts) * k * k / self.config.points), MIN_CELL)
+            cell = max(np.sqrt(len(pts) * k * k / cfg.points), MIN_CELL)
             cells[p] = cell
             sets.append(pts[thin_to(pts, cell, self.pmax)])
+            if cfg.local_anchors and len(pts):
+                lo, hi = pts.min(0), pts.max(0)
+                pad = cfg.anchor_margin * max(hi - lo) + 2.0
+                grids.append(prdl.anchor_grid(cfg.anchors, (*(lo - pad), *(hi + pad)), dtype=np.float32))
+            else:
+                grids.append(self.anchors_unit)
+        anchors = np.stack(grids) if cfg.local_anchors else self.anchors_unit
         pts, mask = prdl.pack_parts(sets, np, dtype=np.float64, pmax=self.pmax)
-        desc = prdl.part_descriptors(pts, mask, self.anchors_unit, np)
-        return Targets(desc.astype(np.float32), mask.any(1), cells, self.anchors_unit, masks)
+        desc = prdl.part_descriptors(pts.astype(np.float32), mask, anchors, np)
+        return Targets(desc.astype(np.float32), mask.any(1), cells, anchors, masks)
 
     # ------------------------------------------------------------------ geometry
     def _crop_affine(self, masks: PartMasks) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +284,7 @@ class PrdlRefiner:
         w_used = weights * targets.valid
         uv, rp, pc = self._project(base, rc, t, e, camera, m, b)
         index, mask = self._select(uv, visible, targets.cells)
-        w_scale = np.sqrt(w_used * mask.any(1) / len(targets.anchors))[:, None, None]
+        w_scale = np.sqrt(w_used * mask.any(1) / targets.anchors.shape[-2])[:, None, None]
         terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors, weights,
                                         target_valid=targets.valid)
         loss_before = terms.loss
@@ -284,7 +294,7 @@ class PrdlRefiner:
             if it > 1:  # re-thin the moved points once per iteration; trials below keep this selection
                 uv, rp, pc = self._project(base, rc, t, e, camera, m, b)
                 index, mask = self._select(uv, visible, targets.cells)
-                w_scale = np.sqrt(w_used * mask.any(1) / len(targets.anchors))[:, None, None]
+                w_scale = np.sqrt(w_used * mask.any(1) / targets.anchors.shape[-2])[:, None, None]
                 terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors,
                                                 weights, target_valid=targets.valid)
             total = terms.loss + prior_cost(e)

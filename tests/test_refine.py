@@ -31,7 +31,7 @@ def test_refinement_moves_perturbed_shapes_toward_the_truth(model, refiner, case
 
     rng = np.random.default_rng(11)
     before, after = [], []
-    for _ in range(4):
+    for _ in range(8):
         face = sample_face(model, case, rng)
         gt = render_part_labels(model, face, face.rotation_cam, face.translation, face.expression)
         targets = refiner.targets(LabelCrop.around_face(gt))

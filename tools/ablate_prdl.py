@@ -20,9 +20,13 @@ def main() -> int:
     args = ap.parse_args()
     print("| anchors | points/part | iterations | mean IoU before -> after | MAE all | MAE perturbed | pose err (deg) | ms/face (median) |")
     print("|---|---|---|---|---|---|---|---|")
-    for anchors, points, iterations in [(12, 48, 2), (16, 64, 2), (16, 96, 3), (24, 96, 3), (24, 128, 3), (32, 128, 3)]:
-        r = evaluate(args.faces, RefineConfig(anchors=anchors, points=points, iterations=iterations))
-        print(f"| {anchors}x{anchors} | {points} | {iterations} | {r['mean_iou_before']:.3f} -> {r['mean_iou_after']:.3f} | "
+    settings = [(6, 64, 2, True), (8, 64, 2, True), (8, 96, 3, True), (12, 96, 3, True), (12, 128, 3, True),
+                (16, 96, 3, False), (24, 128, 3, False), (32, 128, 3, False)]
+    for anchors, points, iterations, local in settings:
+        r = evaluate(args.faces, RefineConfig(anchors=anchors, points=points, iterations=iterations,
+                                              local_anchors=local))
+        grid = f"{anchors}x{anchors} per part" if local else f"{anchors}x{anchors} shared"
+        print(f"| {grid} | {points} | {iterations} | {r['mean_iou_before']:.3f} -> {r['mean_iou_after']:.3f} | "
               f"{r['mae_before']:.3f} -> {r['mae_after']:.3f} | {r['perturbed_mae_before']:.3f} -> "
               f"{r['perturbed_mae_after']:.3f} | {r['pose_err_deg_before']:.2f} -> {r['pose_err_deg_after']:.2f} | "
               f"{r['ms_per_face']:.1f} |", flush=True)
