@@ -61,7 +61,7 @@ def cmd_track(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pack = Pack(args.backend, args.landmark_model)
-    tracker = pack.tracker(_tracker_config(args), masks=args.prdl_masks)
+    tracker = pack.tracker(_tracker_config(args), masks=args.prdl_masks, profile=_load_profile(args.profile))
     overlay = None if args.no_overlay else MeshOverlay(pack.model)
     writer = None
     session = Path(args.input).stem
@@ -172,6 +172,73 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- calibrate
+
+def _load_profile(path):
+    """The profile for tracking; a corrupt or foreign file is reported and tracking goes on uncalibrated."""
+    if not path:
+        return None
+    from calibration.profile import Profile, ProfileError
+
+    try:
+        return Profile.load(path)
+    except ProfileError as exc:
+        print(f"facestream: warning: {exc}; tracking without calibration", file=sys.stderr)
+        return None
+
+
+def cmd_calibrate(args) -> int:
+    from calibration import capture
+    from calibration.profile import Profile, ProfileError
+
+    try:
+        profile = Profile.load_or_new(args.profile)
+    except ProfileError as exc:
+        return _error(f"{exc} (fix or remove the file; calibration writes a new one)")
+    if args.what == "camera":
+        from calibration.camera import calibrate_checkerboard, from_fov
+        from engine.media import MediaSource
+
+        source = MediaSource(args.input)
+        if args.fov:
+            first = next(source.frames()).rgb
+            cal = from_fov(args.camera_name, first.shape[1], first.shape[0], args.fov)
+        else:
+            cols, rows = (int(v) for v in args.pattern.lower().split("x"))
+            cal = calibrate_checkerboard((f.rgb for f in source.frames()), (cols, rows), args.square_cm,
+                                         name=args.camera_name)
+        profile.camera = cal.to_dict()
+        print(f"camera {cal.name}: fx {cal.fx:.1f} fy {cal.fy:.1f} cx {cal.cx:.1f} cy {cal.cy:.1f} px"
+              + (f", reprojection error {cal.rms_px:.3f} px over {cal.frames_used} frames" if cal.rms_px is not None else ""))
+    else:
+        from engine.pack import Pack
+
+        pack = Pack(args.backend)
+        end = args.end if args.end is not None else None
+        if args.what == "identity":
+            tracked = capture.track_video(pack, args.input, args.start, end, fit_identity_frames=10**9)
+            profile.identity = capture.identity_from(pack, tracked)
+            print(f"identity from {profile.identity.frames} frames; per-frame spread "
+                  f"{profile.identity.spread:.3f} cm (mean landmark distance)")
+        elif args.what == "neutral":
+            tracked = capture.track_video(pack, args.input, args.start, end)
+            window = None if args.end is None and args.start == 0 else (0, len(tracked.blendshapes))
+            profile.neutral = capture.neutral_from(tracked, window)
+            top = sorted(profile.neutral.blendshapes.items(), key=lambda kv: -kv[1])[:4]
+            print(f"resting face from {profile.neutral.frames} frames; largest resting values: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in top))
+            if args.relative_head_pose:
+                profile.relative_head_pose = True
+        else:  # ranges
+            tracked = capture.track_video(pack, args.input, args.start, end)
+            profile.ranges = capture.ranges_from(tracked, profile.neutral)
+            print(f"ranges for {len(profile.ranges.maximum)} blendshapes from {profile.ranges.frames} frames: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in list(profile.ranges.maximum.items())[:6]))
+    profile.save(args.profile)
+    print(f"wrote {args.profile}")
+    return 0
+
+
 # ---------------------------------------------------------------- eval-prdl
 
 def cmd_eval_prdl(args) -> int:
@@ -228,8 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks", action="store_true", help="add the 68 fitted landmarks (pixels) to each message")
     p.add_argument("--no-overlay", action="store_true", help="write coefficients only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", help="calibration profile (JSON) made by `facestream calibrate`")
     _add_tracking_args(p)
     p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("calibrate", help="calibrate camera, identity, resting face or ranges into a profile")
+    p.add_argument("what", choices=["neutral", "ranges", "identity", "camera"])
+    p.add_argument("input", help="video (or images) of the user; for camera: a checkerboard video")
+    p.add_argument("--profile", required=True, help="profile JSON to create or update")
+    p.add_argument("--start", type=int, default=0, help="first frame to use")
+    p.add_argument("--end", type=int, default=None,
+                   help="frame after the last to use (neutral: without --start/--end the stillest second is used)")
+    p.add_argument("--relative-head-pose", action="store_true", help="neutral: report head pose relative to it")
+    p.add_argument("--pattern", default="9x6", help="camera: inner corners of the checkerboard, COLSxROWS")
+    p.add_argument("--square-cm", type=float, default=2.5, help="camera: checkerboard square size")
+    p.add_argument("--fov", type=float, default=None, help="camera: use this horizontal field of view instead")
+    p.add_argument("--camera-name", default="camera", help="camera: name stored in the profile")
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="per-stage timing of the tracker on a video")
     p.add_argument("input")
@@ -270,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(exc))
     except assets.AssetMissingError as exc:
         return _error(str(exc))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # CalibrationError and ProfileError included
         return _error(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         return _error("interrupted", 130)

@@ -25,14 +25,15 @@ class Pack:
         self._segmenters: dict = {}
         self._refiner = None
 
-    def tracker(self, config: TrackerConfig | None = None, camera=None, masks: str = "landmarks") -> Tracker:
+    def tracker(self, config: TrackerConfig | None = None, camera=None, masks: str = "landmarks",
+                profile=None) -> Tracker:
         """A per-video tracker. With config.prdl, part masks come from `masks`: "landmarks" (rasterised from
         the landmark contours) or "parser" (the BiSeNetV2 face parser, a quality mode)."""
         segmenter = refiner = None
         if config is not None and config.prdl:
             segmenter, refiner = self._prdl_parts(masks)
         return Tracker(self.detector, self.landmarker, self.regressor, self.model, config, camera,
-                       segmenter=segmenter, refiner=refiner)
+                       segmenter=segmenter, refiner=refiner, profile=profile)
 
     def _prdl_parts(self, masks: str):
         from engine.refine import PrdlRefiner

@@ -40,8 +40,12 @@ class TrackerConfig:
 
 class Tracker:
     def __init__(self, detector: FaceDetector, landmarker: Landmarker, regressor: Regressor, model: FaceModel,
-                 config: TrackerConfig | None = None, camera: Camera | None = None, segmenter=None, refiner=None):
+                 config: TrackerConfig | None = None, camera: Camera | None = None, segmenter=None, refiner=None,
+                 profile=None):
         self.detector = detector
+        # a user's calibration (calibration.profile.Profile or anything with identity_coefficients,
+        # camera_for(w, h) and apply(state)); the engine does not import calibration/
+        self.profile = profile
         self.segmenter = segmenter  # part masks for PRDL: anything with .segment(rgb, landmarks, size)
         self.refiner = refiner  # engine.refine.PrdlRefiner, used when config.prdl
         self.landmarker = landmarker
@@ -51,6 +55,9 @@ class Tracker:
         self.fixed_camera = camera
         self.identity = np.zeros(model.n_id)
         self.identity_samples = 0
+        if profile is not None and profile.identity_coefficients is not None:
+            self.identity = np.asarray(profile.identity_coefficients, np.float64).copy()
+            self.identity_samples = self.config.identity_frames  # calibrated: held from the first frame
         self.reset_track()
 
     # ------------------------------------------------------------------ state
@@ -68,6 +75,10 @@ class Tracker:
         return self.identity_samples >= self.config.identity_frames
 
     def camera_for(self, width: int, height: int) -> Camera:
+        if self.profile is not None:
+            cam = self.profile.camera_for(width, height)
+            if cam is not None:
+                return cam
         cam = self.fixed_camera
         if cam is not None and (cam.width, cam.height) == (width, height):
             return cam
@@ -141,6 +152,8 @@ class Tracker:
         state.landmarks = points
         state.identity = self.identity.copy() if self.identity_locked else fit.identity
         state.landmarks68 = self.project_points(self.model.landmarks68(state.identity, expression), state, camera)
+        if self.profile is not None:
+            self.profile.apply(state)
         timings["total"] = (time.perf_counter() - t_start) * 1e3
         return state
 
