@@ -34,6 +34,9 @@ def _coeffs(c, n: int, name: str) -> np.ndarray:
     return c
 
 
+OFFSETS_PATH = Path(__file__).resolve().parent / "weights" / "landmark_offsets.npz"
+
+
 class FaceModel:
     """The ICT-FaceKit linear model on the tracking mesh (face region + eyeballs).
 
@@ -115,6 +118,12 @@ class FaceModel:
         self.lm_bary = topo["lm_bary"].astype(np.float32)
         self.lm_neutral, self.lm_id, self.lm_exp = (self._at_landmarks(a) for a in
                                                     (self.neutral, self.id_basis, self.exp_basis))
+        # lm_surface: the landmarks' points on the mesh itself; lm_neutral adds the learned offsets of
+        # where MediaPipe puts them on real faces (tools/fit_landmark_offsets.py), when that file exists
+        self.lm_surface = self.lm_neutral.copy()
+        if OFFSETS_PATH.is_file():
+            with np.load(OFFSETS_PATH) as off:
+                self.set_landmark_offsets(off["offsets"])
         self._lm_basis = np.ascontiguousarray(np.concatenate([self.lm_id, self.lm_exp], 0).reshape(153, -1))
         self.lm68_index = topo["lm68_index"].astype(np.int64)
         self.lm68_neutral = self.neutral[self.lm68_index]
@@ -131,6 +140,13 @@ class FaceModel:
         for a in (self.neutral, self.id_basis, self.exp_basis, self._basis, self._mean, self.part_labels,
                   self.lm_neutral, self.lm_id, self.lm_exp, self._lm_basis, self.faces, self.vertex_index):
             a.setflags(write=False)
+
+    def set_landmark_offsets(self, offsets: np.ndarray) -> None:
+        """Constant model-frame offsets (478, 3) cm from the mesh points to where the landmark network
+        puts each landmark; 0 gives the purely geometric correspondence."""
+        lm = (self.lm_surface + np.asarray(offsets, np.float32)).astype(np.float32)
+        lm.setflags(write=False)
+        self.lm_neutral = lm
 
     def _at_landmarks(self, arr: np.ndarray) -> np.ndarray:
         """Barycentric interpolation of per-vertex arrays (..., V, 3) at the 478 landmarks."""
@@ -157,10 +173,18 @@ class FaceModel:
         return out.reshape(c.shape[:-1] + (self.n_vertices, 3))
 
     def landmarks(self, id_coeffs=None, exp_coeffs=None) -> np.ndarray:
-        """The 478 MediaPipe landmarks on the model (..., 478, 3), cm. Eyeballs at rest (no gaze)."""
+        """The 478 MediaPipe landmarks as the landmark network places them on this model (..., 478, 3), cm:
+        the surface points plus the learned offsets. Eyeballs at rest (no gaze)."""
         c = self._coef(id_coeffs, exp_coeffs)
         out = c @ self._lm_basis
         out += self.lm_neutral.reshape(-1)
+        return out.reshape(c.shape[:-1] + (478, 3))
+
+    def surface_landmarks(self, id_coeffs=None, exp_coeffs=None) -> np.ndarray:
+        """The landmarks' points on the mesh surface itself (no learned offsets), (..., 478, 3) cm."""
+        c = self._coef(id_coeffs, exp_coeffs)
+        out = c @ self._lm_basis
+        out += self.lm_surface.reshape(-1)
         return out.reshape(c.shape[:-1] + (478, 3))
 
     def landmarks68(self, id_coeffs=None, exp_coeffs=None) -> np.ndarray:

@@ -24,6 +24,7 @@ class FitWeights:
     exp_prior: float = 0.05  # toward the learned head's guess
     exp_temporal: float = 0.05  # toward the previous frame
     id_l2: float = 0.5  # identity ~ N(0, 1) scaled
+    opposing: float = 1.0  # min(e_a, e_b)^2 on antagonist pairs (jawLeft + jawRight, eyeWide + eyeBlink, ...)
     damping: float = 1e-3
 
 
@@ -43,7 +44,8 @@ class LandmarkFitter:
 
     def __init__(self, lm_neutral: np.ndarray, lm_id: np.ndarray, lm_exp: np.ndarray,
                  point_index: np.ndarray, point_weight: np.ndarray, fixed_exp: np.ndarray,
-                 n_id_fit: int = 40, weights: FitWeights | None = None):
+                 n_id_fit: int = 40, weights: FitWeights | None = None,
+                 opposing_pairs: list[tuple[int, int]] | None = None):
         self.idx = np.asarray(point_index)
         self.L0 = lm_neutral[self.idx].astype(np.float64)
         self.Lid_all = lm_id[:, self.idx].astype(np.float64)  # (100, N, 3)
@@ -54,6 +56,8 @@ class LandmarkFitter:
         self.w = np.repeat(np.asarray(point_weight, np.float64), 2)  # per residual
         self.fixed_exp = np.asarray(fixed_exp, bool)  # set from elsewhere (gaze), not fitted
         self.weights = weights or FitWeights()
+        # antagonist shapes: a linear model can add both to mimic a shape it lacks; real faces do not
+        self.opposing_pairs = list(opposing_pairs or [])
 
     def model_points(self, identity: np.ndarray, expression: np.ndarray) -> np.ndarray:
         return self.L0 + (identity @ self._id_flat + expression @ self._exp_flat).reshape(self.L0.shape)
@@ -138,6 +142,16 @@ class LandmarkFitter:
                 diag += wts.exp_temporal
                 g[sl] += wts.exp_temporal * (ef - exp_prev[free_exp])
             h[sl, sl] += np.diag(diag)
+            if self.opposing_pairs and wts.opposing > 0:
+                # min(e_a, e_b)^2: only the weaker of two active antagonists is pushed back, so either
+                # shape alone is not shrunk
+                pos = np.cumsum(free_exp) - 1  # expression index -> position among the free shapes
+                for a, b in self.opposing_pairs:
+                    if free_exp[a] and free_exp[b]:
+                        k = a if e[a] <= e[b] else b
+                        i = 6 + pos[k]
+                        g[i] += wts.opposing * e[k]
+                        h[i, i] += wts.opposing
             if n_b:
                 bs = slice(6 + n_e, n_p)
                 h[bs, bs] += wts.id_l2 * np.eye(n_b)

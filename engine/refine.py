@@ -135,7 +135,7 @@ class PrdlRefiner:
                 row[corner] = 1.0
                 rows.append(row)
             rows = np.array(rows)
-            pts = rows @ model.lm_neutral
+            pts = rows @ model.lm_surface
             d = np.linalg.norm(model.neutral[eyeball_ids][None] - pts[:, None], axis=2)
             proxy.extend(eyeball_ids[d.argmin(1)])  # visible when the eyeball behind it is
             blends.extend(rows)
@@ -143,7 +143,7 @@ class PrdlRefiner:
         blends = np.array(blends)
         self.cand_part = np.concatenate([labels[verts], blend_part]).astype(np.int64)
         self.vis_source = np.concatenate([verts, np.array(proxy, np.int64)])
-        self.neutral = np.concatenate([model.neutral[verts], blends @ model.lm_neutral]).astype(np.float64)
+        self.neutral = np.concatenate([model.neutral[verts], blends @ model.lm_surface]).astype(np.float64)
         self.id_basis = np.concatenate([model.id_basis[:, verts], np.einsum("pl,kld->kpd", blends, model.lm_id)],
                                        axis=1).astype(np.float64)
         exp_basis = np.concatenate([model.exp_basis[:, verts], np.einsum("pl,kld->kpd", blends, model.lm_exp)],

@@ -22,6 +22,10 @@ from engine.networks.coeff_head import N_INPUT_POINTS, CoefficientHead, expressi
 
 # Relative trust per landmark group: eyelids and lips carry the expressions users care about most;
 # the face-oval points sit on the silhouette, where a mesh correspondence is least exact.
+OPPOSING = [("jawLeft", "jawRight"), ("mouthLeft", "mouthRight"), ("eyeWide_L", "eyeBlink_L"),
+            ("eyeWide_R", "eyeBlink_R"), ("eyeWide_L", "eyeSquint_L"), ("eyeWide_R", "eyeSquint_R"),
+            ("mouthSmile_L", "mouthFrown_L"), ("mouthSmile_R", "mouthFrown_R"), ("browDown_L", "browOuterUp_L"),
+            ("browDown_R", "browOuterUp_R"), ("browDown_L", "browInnerUp_L"), ("browDown_R", "browInnerUp_R")]
 GROUP_WEIGHTS = {"left_eye": 3.0, "right_eye": 3.0, "lips": 3.0, "left_eyebrow": 2.0, "right_eyebrow": 2.0,
                  "face_oval": 0.3}
 
@@ -54,7 +58,9 @@ class Regressor:
         fixed[list(ICT_EYE_LOOK.values())] = True
         self.gaze = GazeEstimator(model)
         self.fitter = LandmarkFitter(model.lm_neutral, model.lm_id, model.lm_exp, np.arange(N_INPUT_POINTS),
-                                     landmark_weights(), fixed, n_id_fit=n_id_fit, weights=weights)
+                                     landmark_weights(), fixed, n_id_fit=n_id_fit, weights=weights,
+                                     opposing_pairs=[(model.exp_names.index(a), model.exp_names.index(b))
+                                                     for a, b in OPPOSING])
 
     def head_rotation(self, landmarks_px: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

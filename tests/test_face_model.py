@@ -109,7 +109,7 @@ def test_landmarks_consistent_with_vertices(fm):
     idc = rng.normal(size=100).astype(np.float32)
     ex = rng.uniform(0, 0.5, size=53).astype(np.float32)
     v = fm.vertices(idc, ex)
-    lm = fm.landmarks(idc, ex)
+    lm = fm.surface_landmarks(idc, ex)
     assert lm.shape == (478, 3) and fm.lm_neutral.shape == (478, 3)
     assert fm.lm_id.shape == (100, 478, 3) and fm.lm_exp.shape == (53, 478, 3)
     np.testing.assert_allclose(lm, fm.landmarks_from_vertices(v), atol=1e-4)
@@ -157,9 +157,9 @@ def test_iris_on_eyeballs(fm):
 
 
 def test_blink_closes_the_right_lids(fm):
-    open_ = fm.landmarks()
-    blink_l = fm.landmarks(None, exp_vec(fm, eyeBlink_L=1.0))
-    blink_r = fm.landmarks(None, exp_vec(fm, eyeBlink_R=1.0))
+    open_ = fm.surface_landmarks()
+    blink_l = fm.surface_landmarks(None, exp_vec(fm, eyeBlink_L=1.0))
+    blink_r = fm.surface_landmarks(None, exp_vec(fm, eyeBlink_R=1.0))
     for up, lo in ((386, 374), (385, 380), (387, 373)):  # subject's left eye
         assert gap(open_, up, lo) > 0.6
         assert gap(blink_l, up, lo) < 0.15
@@ -171,8 +171,8 @@ def test_blink_closes_the_right_lids(fm):
 
 
 def test_jaw_opens_the_inner_lips(fm):
-    rest = fm.landmarks()
-    open_ = fm.landmarks(None, exp_vec(fm, jawOpen=1.0))
+    rest = fm.surface_landmarks()
+    open_ = fm.surface_landmarks(None, exp_vec(fm, jawOpen=1.0))
     for up, lo in ((13, 14), (82, 87), (312, 317)):
         assert gap(rest, up, lo) < 0.2  # ICT's neutral mouth is closed
         assert gap(open_, up, lo) > 2.5
@@ -227,7 +227,7 @@ def test_part_labels(fm):
 # ------------------------------------------------------------------ eyes
 
 def test_eyeball_rotate(fm):
-    v, lm = fm.vertices(), fm.landmarks()
+    v, lm = fm.vertices(), fm.surface_landmarks()
     v0, lm0 = fm.eyeball_rotate(v, 0.0, 0.0, landmarks=lm)
     np.testing.assert_allclose(v0, v, atol=1e-5)
     v1, lm1 = fm.eyeball_rotate(v, 0.3, 0.0, landmarks=lm)  # gaze toward the subject's left (+x)

@@ -71,7 +71,7 @@ def test_eye_closure_shows_as_a_peak_of_eye_blink(pack):
                        s.blendshapes[ARKIT_NAMES.index("eyeBlinkRight")]] for s in states]).mean(1)
     closed, wide = blink[112:160].mean(), blink[296:350].mean()
     baseline = np.median(blink)
-    assert closed > 0.6, f"eyes-closed segment: mean eyeBlink {closed:.2f}"
+    assert closed > 0.5, f"eyes-closed segment: mean eyeBlink {closed:.2f}"
     assert wide < 0.25, f"eyes-wide segment: mean eyeBlink {wide:.2f}"
     assert closed > baseline + 0.3, f"closed {closed:.2f} vs median {baseline:.2f}"
 
