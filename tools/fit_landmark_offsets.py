@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.face_model import OFFSETS_PATH, FaceModel  # noqa: E402
+from engine.fitting import FitWeights  # noqa: E402
 from engine.geometry import Camera  # noqa: E402
 from engine.media import MediaSource  # noqa: E402
 from engine.pack import Pack  # noqa: E402
@@ -33,6 +34,7 @@ FIT = ("liveportrait_d0.mp4", "liveportrait_d10.mp4", "liveportrait_d14.mp4", "p
 HELD_OUT = ("liveportrait_d3.mp4", "liveportrait_d11.mp4", "liveportrait_d13.mp4", "liveportrait_d18.mp4",
             "sadtalker_WDA_KatieHill_000.mp4", "3ddfa_obama.mp4")
 FOVS = (20.0, 30.0, 45.0, 60.0)
+ESTIMATE_L1, ESTIMATE_L2 = 0.1, 0.2
 N_MESH = 468
 
 
@@ -95,9 +97,11 @@ def main() -> int:
     offsets = np.zeros((model.lm_neutral.shape[0], 3))
     base_neutral = model.lm_neutral.copy()
 
-    def regressor_with(off):
+    def regressor_with(off, strict: bool = True):
+        # while estimating, expressions get a strong sparsity prior, so that what every face shares is
+        # taken up by the offsets rather than by expressions
         model.set_landmark_offsets(off)
-        return Regressor(model)
+        return Regressor(model, weights=FitWeights(exp_l1=ESTIMATE_L1, exp_l2=ESTIMATE_L2) if strict else None)
 
     def camera_for(reg, name):
         lms, w, h = data[name]
@@ -109,7 +113,7 @@ def main() -> int:
                 best = (rms, cam)
         return best[1]
 
-    reg = regressor_with(offsets)
+    reg = regressor_with(offsets, strict=False)
     cams = {name: camera_for(reg, name) for name in data}
     before = {name: rest_summary(fit_video(reg, data[name][0], cams[name])[0], model.exp_names) for name in HELD_OUT}
     for rnd in range(args.rounds):
@@ -123,7 +127,7 @@ def main() -> int:
         offsets[:N_MESH] += 0.8 * update
         print(f"round {rnd + 1}: fit-set landmark RMS {np.mean(rms_all):.3f} cm, "
               f"offset mean {np.linalg.norm(offsets[:N_MESH], axis=1).mean():.3f} cm", flush=True)
-    reg = regressor_with(offsets)
+    reg = regressor_with(offsets, strict=False)
     print("\nheld-out videos, median expression over sampled frames (top 4 shapes):")
     for name in HELD_OUT:
         after = rest_summary(fit_video(reg, data[name][0], cams[name])[0], model.exp_names)
