@@ -86,3 +86,18 @@ def test_neutral_capture_brings_the_resting_face_toward_zero(pack, tmp_path):
     cal = np.array([s.blendshapes for s in (tracker.process(f.rgb, f.index, pts=f.pts, t_seconds=f.pts)
                                             for f in MediaSource(video).frames())][60:78])
     assert cal.mean() < 0.5 * raw.mean(), f"rest mean {raw.mean():.3f} -> {cal.mean():.3f}"
+
+
+def test_identity_halves_of_one_video_agree_better_than_two_people(pack):
+    """Metric: mean distance (cm) between the 468 neutral-expression landmarks of two identity estimates."""
+    from calibration import capture
+
+    d10 = media_path("liveportrait_d10.mp4")
+    first = capture.identity_from(pack, capture.track_video(pack, d10, 0, 220, fit_identity_frames=10**9))
+    second = capture.identity_from(pack, capture.track_video(pack, d10, 220, None, fit_identity_frames=10**9))
+    other = capture.identity_from(pack, capture.track_video(pack, media_path("liveportrait_d3.mp4"), 0, 170,
+                                                            fit_identity_frames=10**9))
+    same = capture.shape_distance(pack.model, np.array(first.coefficients), np.array(second.coefficients))
+    cross = min(capture.shape_distance(pack.model, np.array(h.coefficients), np.array(other.coefficients))
+                for h in (first, second))
+    assert same < 0.5 * cross, f"same person {same:.3f} cm vs two people {cross:.3f} cm"
