@@ -1,6 +1,6 @@
 """Anchor-grid / point-count ablation of PRDL refinement on synthetic faces (Markdown table).
 
-    FACESTREAM_ASSETS=../shared/assets python tools/ablate_prdl.py [--faces 60]
+    FACESTREAM_ASSETS=/path/to/assets python tools/ablate_prdl.py [--faces 60]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Run `facestream bench --json` on every shared face video and print a Markdown table.
 
-    FACESTREAM_ASSETS=../shared/assets python tools/bench_media.py [--size 640x480]
+    FACESTREAM_ASSETS=/path/to/assets python tools/bench_media.py [--size 640x480]
 """
 from __future__ import annotations
 

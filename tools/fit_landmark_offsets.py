@@ -1,6 +1,6 @@
 """Learn where MediaPipe's landmarks sit on the ICT face, from real video (the landmark embedding).
 
-    FACESTREAM_ASSETS=../shared/assets python tools/fit_landmark_offsets.py   # writes engine/weights/landmark_offsets.npz
+    FACESTREAM_ASSETS=/path/to/assets python tools/fit_landmark_offsets.py   # writes engine/weights/landmark_offsets.npz
 
 The correspondence of the 468 mesh landmarks is first found geometrically (MediaPipe's canonical mesh aligned
 to the ICT neutral face, engine/face_topology.py). On real faces MediaPipe places some points elsewhere

@@ -1,6 +1,6 @@
 """Blendshape curves on a real video: regressor alone vs PRDL with landmark masks vs PRDL with parser masks.
 
-    FACESTREAM_ASSETS=../shared/assets python tools/plot_prdl_real.py liveportrait_d3.mp4 docs/prdl_real_d3.png \
+    FACESTREAM_ASSETS=/path/to/assets python tools/plot_prdl_real.py liveportrait_d3.mp4 docs/prdl_real_d3.png \
         --mark 112:160:"eyes closed" --mark 296:350:"eyes wide open"
 """
 from __future__ import annotations
