@@ -325,3 +325,22 @@ def test_per_part_anchors_match_shared_anchors_and_finite_differences():
     jac = np.broadcast_to(np.eye(2)[None, None], (3, 12, 2, 2)).reshape(3, 12, 2, 2)
     jtj, jtr = prdl.normal_equations(np.repeat(jac[..., :1], 1, -1), terms)
     assert np.isfinite(jtj).all() and np.isfinite(jtr).all()
+
+
+@pytest.mark.skipif(not prdl.cupy_available(), reason="CuPy is not installed")
+def test_cupy_per_part_anchors_match_numpy():  # pragma: no cover - needs a GPU
+    """Per-part anchor grids (the refinement's default) take the array-module path on CuPy."""
+    import cupy as cp
+
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(0, 80, (8, 64, 2))
+    mask = rng.random((8, 64)) > 0.1
+    per = np.stack([prdl.anchor_grid(8, (5 * k, 0, 5 * k + 40, 60)) for k in range(8)])
+    tdesc = prdl.part_descriptors(pts + rng.normal(0, 1.5, pts.shape), mask, per)
+    t_np = prdl.gauss_newton_terms(pts, mask, tdesc, per)
+    t_cp = prdl.gauss_newton_terms(cp.asarray(pts), cp.asarray(mask), cp.asarray(tdesc), cp.asarray(per))
+    np.testing.assert_allclose(t_cp.residuals.get(), t_np.residuals, atol=1e-9)
+    np.testing.assert_allclose(t_cp.grad.get(), t_np.grad, atol=1e-9 * np.abs(t_np.grad).max())
+    pj = rng.normal(size=pts.shape + (7,))
+    for x, y in zip(prdl.normal_equations(cp.asarray(pj), t_cp), prdl.normal_equations(pj, t_np)):
+        np.testing.assert_allclose(x.get(), y, rtol=1e-7, atol=1e-9 * np.abs(y).max())
