@@ -119,13 +119,3 @@ def rotation_from_6d(v: np.ndarray) -> np.ndarray:
     c2 = b / np.linalg.norm(b, axis=-1, keepdims=True)
     c3 = np.cross(c1, c2)
     return np.stack([c1, c2, c3], axis=-1)
-
-
-def project_rotation(m: np.ndarray) -> np.ndarray:
-    """Nearest rotation matrix (SVD), for re-orthonormalising after filtering."""
-    u, _, vt = np.linalg.svd(m)
-    r = u @ vt
-    if np.linalg.det(r) < 0:
-        u[:, -1] *= -1
-        r = u @ vt
-    return r

@@ -7,6 +7,18 @@ import pytest
 from engine import prdl
 
 
+
+def central_differences(fn, pts, mask, h=1e-6):
+    """d fn / d pts by central differences over the valid points: shape fn(pts).shape + pts.shape."""
+    out = np.zeros(np.shape(fn(pts)) + pts.shape)
+    for p, i in zip(*np.nonzero(mask)):
+        for k in range(2):
+            xp_, xm = pts.copy(), pts.copy()
+            xp_[p, i, k] += h
+            xm[p, i, k] -= h
+            out[..., p, i, k] = (np.asarray(fn(xp_)) - np.asarray(fn(xm))) / (2 * h)
+    return out
+
 def _brute_descriptors(points, anchors, eps=prdl.EPS):
     out = np.zeros((len(anchors), 3))
     if len(points) == 0:
@@ -119,15 +131,8 @@ def test_loss_formula_and_gradient_match_finite_differences():
         ref += w[p] * (ch * (d - tdesc[p]) ** 2).sum() / len(anchors)
     assert loss == pytest.approx(ref, rel=1e-10)
 
-    fd = np.zeros_like(pts)
-    h = 1e-6
-    for p, i in zip(*np.nonzero(mask)):
-        for k in range(2):
-            xp_, xm = pts.copy(), pts.copy()
-            xp_[p, i, k] += h
-            xm[p, i, k] -= h
-            fd[p, i, k] = (prdl.prdl_loss_and_grad(xp_, mask, tdesc, anchors, w, channel_weights=ch)[0]
-                           - prdl.prdl_loss_and_grad(xm, mask, tdesc, anchors, w, channel_weights=ch)[0]) / (2 * h)
+    fd = central_differences(lambda x: prdl.prdl_loss_and_grad(x, mask, tdesc, anchors, w, channel_weights=ch)[0],
+                             pts, mask)
     np.testing.assert_allclose(grad, fd, atol=1e-6 * max(1.0, np.abs(fd).max()))
     assert (grad[~mask] == 0).all()
 
@@ -185,16 +190,9 @@ def test_gauss_newton_terms_and_normal_equations():
 
     # compact point Jacobian == finite differences of the residuals
     J = prdl.dense_point_jacobian(terms)
-    fd = np.zeros_like(J)
-    h = 1e-6
-    for p, i in zip(*np.nonzero(mask)):
-        for k in range(2):
-            xp_, xm = pts.copy(), pts.copy()
-            xp_[p, i, k] += h
-            xm[p, i, k] -= h
-            rp = prdl.gauss_newton_terms(xp_, mask, tdesc, anchors, w, channel_weights=ch).residuals
-            rm = prdl.gauss_newton_terms(xm, mask, tdesc, anchors, w, channel_weights=ch).residuals
-            fd[:, (p * pts.shape[1] + i) * 2 + k] = (rp - rm) / (2 * h)
+    fd = central_differences(
+        lambda x: prdl.gauss_newton_terms(x, mask, tdesc, anchors, w, channel_weights=ch).residuals, pts, mask
+    ).reshape(J.shape)
     np.testing.assert_allclose(J, fd, atol=1e-6)
 
     # chained normal equations == dense J^T J, J^T r
