@@ -13,13 +13,15 @@ import torch
 
 from engine.networks.face_landmarks import load_attention_mesh, load_face_landmarks
 from engine.networks.iris import load_iris
-from engine.networks.preprocess import (LANDMARK_SIZE, Roi, as_image_tensor, crop_eyes, crop_roi,
+from engine.networks.preprocess import (LANDMARK_SIZE, Roi, as_image_tensor, crop_eyes, crop_roi, crop_rois,
                                         project_eye_landmarks, project_landmarks)
 
 LANDMARK_MODELS = ("attention", "mesh468")
 
 
 class Landmarker:
+    max_batch = 64  # faces per network run in batch(); the GPU backends' largest batch bucket
+
     def __init__(self, backend, model: str = "attention"):
         if model not in LANDMARK_MODELS:
             raise ValueError(f"unknown landmark model '{model}'; choose one of {', '.join(LANDMARK_MODELS)}")
@@ -44,6 +46,37 @@ class Landmarker:
         if self.model == "mesh468":
             pts = self._add_irises(image, pts)
         return pts.numpy().astype(np.float64), score
+
+    def batch(self, items: list[tuple[torch.Tensor, Roi]]) -> list[tuple[np.ndarray, float]]:
+        """Batched __call__: faces from any number of frames (one (image, roi) each, images from
+        to_tensor) through one network run per `max_batch` faces; per-face results in input order.
+        Faces of the same image tensor are cropped with one sampling call."""
+        if not items:
+            return []
+        groups: dict[int, list[int]] = {}
+        for i, (image, _roi) in enumerate(items):
+            groups.setdefault(id(image), []).append(i)
+        crops = [None] * len(items)
+        for idx in groups.values():
+            c = crop_rois(items[idx[0]][0], [items[i][1] for i in idx], LANDMARK_SIZE)
+            for k, i in enumerate(idx):
+                crops[i] = c[k:k + 1]
+        x = torch.cat(crops)
+        points, logits = [], []
+        for s in range(0, len(items), self.max_batch):
+            p, lg = self.backend.run(self.net, x[s:s + self.max_batch])
+            points.append(p)
+            logits.append(lg.reshape(-1))
+        points = torch.cat(points).float().cpu()
+        logits = torch.cat(logits).float().cpu().clamp(-100.0, 100.0)
+        scores = torch.sigmoid(logits.double()).tolist()
+        out = []
+        for i, (image, roi) in enumerate(items):
+            pts = project_landmarks(points[i], roi, LANDMARK_SIZE)
+            if self.model == "mesh468":
+                pts = self._add_irises(image, pts)
+            out.append((pts.numpy().astype(np.float64), float(scores[i])))
+        return out
 
     def _add_irises(self, image: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
         """Iris network on both eyes; iris centres + rings appended as points 468-477 (subject's right
