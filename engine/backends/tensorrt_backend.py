@@ -77,9 +77,11 @@ def weights_hash(module: nn.Module, n: int = 16) -> str:
     """Hash of the class name and every parameter and buffer (name, dtype, shape, values)."""
     h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
     for name, t in sorted(module.state_dict(keep_vars=False).items()):
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        h.update(t.numpy().tobytes())  # C order whatever the memory layout (the ports are channels-last)
     return h.hexdigest()[:n]
 
 

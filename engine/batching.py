@@ -1,0 +1,263 @@
+"""Batching scheduler: the networks' work from many sessions, run as one batch per stage.
+
+Each stage (face detection, landmarks) has one worker thread. Sessions submit items from any thread
+(`submit` -> concurrent.futures.Future, `submit_async` -> awaitable, `call` -> blocking). The worker takes
+the first waiting item, keeps collecting for at most `max_wait_ms` (or until `max_batch` items), runs the
+stage once on the whole batch and hands each session its own result.
+
+Deadlines (time.perf_counter() seconds): the collection window closes early enough that the earliest
+deadline in the batch can still be met (window end <= deadline - recent batch run time - margin); an item whose
+deadline has passed when its batch is dispatched is not run and its future fails with DeadlineExceeded;
+`call` stops waiting at the deadline and withdraws the item if the worker has not started it. A batch
+already running on the device is never interrupted, so a caller can get a result up to one batch run
+late, never a frame that waited in the queue past its deadline.
+
+`BatchScheduler` wires the two stages to a Pack's detector and landmarker and makes per-session trackers
+(the ordinary `Tracker`, its network calls routed through the stages); the regressor runs per face in the
+session's own thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+class DeadlineExceeded(TimeoutError):
+    """The item's deadline passed before the stage ran it; it was dropped, not processed."""
+
+
+@dataclass
+class _Request:
+    item: Any
+    deadline: float | None
+    future: Future
+    t_submit: float
+
+
+@dataclass
+class StageStats:
+    batches: int = 0
+    items: int = 0
+    expired: int = 0
+    withdrawn: int = 0
+    sizes: collections.Counter = field(default_factory=collections.Counter)
+    run_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2048))
+    wait_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8192))
+
+    def summary(self) -> dict:
+        run = np.asarray(self.run_ms, float)
+        wait = np.asarray(self.wait_ms, float)
+        return {"batches": self.batches, "items": self.items, "expired": self.expired, "withdrawn": self.withdrawn,
+                "mean_batch": round(self.items / self.batches, 2) if self.batches else 0.0,
+                "max_batch": max(self.sizes) if self.sizes else 0,
+                "run_ms_median": round(float(np.median(run)), 3) if run.size else None,
+                "queue_wait_ms_p95": round(float(np.percentile(wait, 95)), 3) if wait.size else None}
+
+
+class StageBatcher:
+    """One stage: `fn(list of items) -> list of results` (same order), run in one worker thread."""
+
+    def __init__(self, fn: Callable[[list], list], max_batch: int = 64, max_wait_ms: float = 2.0,
+                 name: str = "stage", margin_ms: float = 1.0):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1e3
+        self.name = name
+        self.margin = margin_ms / 1e3  # thread wake-up and dispatch slack kept before a deadline
+        self.stats = StageStats()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._run_estimate = 0.0  # seconds; recent batch run time, for closing windows before deadlines
+        self._thread = threading.Thread(target=self._worker, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ client side
+    def submit(self, item, deadline: float | None = None) -> Future:
+        fut: Future = Future()
+        req = _Request(item, deadline, fut, time.perf_counter())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"batcher '{self.name}' is closed")
+            self._queue.append(req)
+            self._cond.notify()
+        return fut
+
+    async def submit_async(self, item, deadline: float | None = None):
+        """Awaitable result (for asyncio servers); DeadlineExceeded as for submit."""
+        return await asyncio.wrap_future(self.submit(item, deadline))
+
+    def call(self, item, deadline: float | None = None):
+        """Submit and wait, at most until the deadline: then the item is withdrawn if not yet started
+        (DeadlineExceeded), or its already running batch is waited for."""
+        fut = self.submit(item, deadline)
+        if deadline is None:
+            return fut.result()
+        try:
+            return fut.result(timeout=max(0.0, deadline - time.perf_counter()))
+        except TimeoutError:
+            if fut.cancel():
+                self.stats.withdrawn += 1
+                raise DeadlineExceeded(f"{self.name}: deadline passed while queued") from None
+            return fut.result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------ worker
+    def _collect(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None  # closed and drained
+            window_end = self._queue[0].t_submit + self.max_wait
+            while len(self._queue) < self.max_batch and not self._closed:
+                deadlines = [r.deadline for r in self._queue if r.deadline is not None]
+                end = window_end if not deadlines else min(window_end, min(deadlines) - self._run_estimate - self.margin)
+                remaining = end - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            n = min(self.max_batch, len(self._queue))
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            now = time.perf_counter()
+            live = []
+            for r in batch:
+                if not r.future.set_running_or_notify_cancel():
+                    continue  # withdrawn by its caller
+                if r.deadline is not None and now > r.deadline:
+                    self.stats.expired += 1
+                    r.future.set_exception(DeadlineExceeded(
+                        f"{self.name}: deadline passed {1e3 * (now - r.deadline):.2f} ms before dispatch"))
+                    continue
+                self.stats.wait_ms.append(1e3 * (now - r.t_submit))
+                live.append(r)
+            if not live:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = self.fn([r.item for r in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"{self.name}: stage returned {len(results)} results for {len(live)} items")
+            except BaseException as exc:  # noqa: BLE001 - every waiting session gets the error
+                for r in live:
+                    r.future.set_exception(exc)
+                continue
+            dt = time.perf_counter() - t0
+            # a cautious estimate: jumps up at once, decays slowly
+            self._run_estimate = max(dt, 0.8 * self._run_estimate + 0.2 * dt)
+            self.stats.batches += 1
+            self.stats.items += len(live)
+            self.stats.sizes[len(live)] += 1
+            self.stats.run_ms.append(1e3 * dt)
+            for r, res in zip(live, results):
+                r.future.set_result(res)
+
+
+# ---------------------------------------------------------------- the tracker's stages
+
+class _SessionDetector:
+    """What a Tracker sees as its detector: frames go through the shared detect stage."""
+
+    def __init__(self, session: "Session"):
+        self.session = session
+
+    def __call__(self, rgb):
+        return self.session.scheduler.detect.call(rgb, self.session.deadline)
+
+
+class _SessionLandmarker:
+    """What a Tracker sees as its landmarker: crops go through the shared landmark stage."""
+
+    def __init__(self, session: "Session", landmarker):
+        self.session = session
+        self.landmarker = landmarker
+        self.model = landmarker.model
+
+    def to_tensor(self, rgb):
+        return self.landmarker.to_tensor(rgb)  # uploaded once per frame, in the session's thread
+
+    def __call__(self, image, roi):
+        return self.session.scheduler.landmarks.call((image, roi), self.session.deadline)
+
+
+class Session:
+    """One stream: a Tracker whose network calls are batched with every other session's."""
+
+    def __init__(self, scheduler: "BatchScheduler", config=None, camera=None, profile=None):
+        from engine.tracker import Tracker
+
+        self.scheduler = scheduler
+        self.deadline: float | None = None
+        pack = scheduler.pack
+        self.tracker = Tracker(_SessionDetector(self), _SessionLandmarker(self, pack.landmarker), pack.regressor,
+                               pack.model, config, camera, profile=profile)
+
+    def process(self, rgb: np.ndarray, frame_index: int, deadline: float | None = None, **kw):
+        """Tracker.process with batched network stages. `deadline` (time.perf_counter() seconds) bounds
+        each stage's queueing; when it passes first, DeadlineExceeded is raised and the frame is dropped
+        (the track's state stays as it was before the frame, except a pending detector run)."""
+        self.deadline = deadline
+        try:
+            return self.tracker.process(rgb, frame_index, **kw)
+        finally:
+            self.deadline = None
+
+
+class BatchScheduler:
+    """The detect and landmark stages of one Pack, shared by any number of sessions."""
+
+    def __init__(self, pack, max_wait_ms: float = 2.0, max_batch: int = 64, detect_max_batch: int = 16):
+        self.pack = pack
+        self.max_wait_ms = max_wait_ms
+        self.detect = StageBatcher(pack.detector.batch, detect_max_batch, max_wait_ms, "detect")
+        self.landmarks = StageBatcher(pack.landmarker.batch, max_batch, max_wait_ms, "landmarks")
+
+    def warm(self) -> int:
+        """Capture the CUDA graphs of every batch bucket now (cuda backend), not on the first frames.
+        Returns the number of captured shapes (0 on backends without graphs)."""
+        runner = getattr(self.pack.backend, "runner", None)
+        if runner is None:
+            return 0
+        n = 0
+        for net, shape, sizes in ((self.pack.landmarker.net, (3, 192, 192), None),
+                                  (self.pack.detector.net, (3, 128, 128), None)):
+            r = runner(net)
+            if r is not None:
+                n += r.warm([shape], sizes=sizes)
+        return n
+
+    def session(self, config=None, camera=None, profile=None) -> Session:
+        return Session(self, config, camera, profile)
+
+    def stats(self) -> dict:
+        return {"detect": self.detect.stats.summary(), "landmarks": self.landmarks.stats.summary()}
+
+    def close(self) -> None:
+        self.detect.close()
+        self.landmarks.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
