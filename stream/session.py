@@ -29,7 +29,6 @@ from stream.metrics import Rate, Samples, StageTimes
 
 log = logging.getLogger("facestream.session")
 
-NO_VIDEO_TIMEOUT_S = 30.0  # a session that never delivers a frame is closed
 DATA_CHANNEL_MAX_BUFFER = 1 << 20  # bytes; a client that stops reading loses messages, not memory
 
 
@@ -38,6 +37,7 @@ class Limits:
     max_width: int = 1280  # larger frames are scaled down before tracking
     max_height: int = 720
     max_fps: float = 30.0  # frames beyond this rate are dropped before tracking
+    no_video_timeout_s: float = 30.0  # a session that never delivers a frame is closed
 
 
 @dataclass
@@ -333,9 +333,10 @@ class Session:
 
     # ------------------------------------------------------------------ watchdog and metrics
     async def _watchdog(self) -> None:
-        await asyncio.sleep(NO_VIDEO_TIMEOUT_S)
+        timeout = self.limits.no_video_timeout_s
+        await asyncio.sleep(timeout)
         if self.received == 0:
-            await self.close(f"no video received within {NO_VIDEO_TIMEOUT_S:.0f} s")
+            await self.close(f"no video received within {timeout:g} s")
 
     def metrics(self) -> dict:
         return {
