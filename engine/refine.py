@@ -26,17 +26,12 @@ import numpy as np
 from engine import prdl
 from engine.face_model import FaceModel
 from engine.geometry import Camera, rodrigues
-from engine.raster import vertex_visibility_splat
+from engine.raster import face_labels
 
 CROP_UNITS = 100.0
-# paired lower/upper lid landmarks (MediaPipe indices, corner to corner, subject's sides)
-EYE_LIDS = {
-    "left_eye": ((263, 249, 390, 373, 374, 380, 381, 382, 362), (263, 466, 388, 387, 386, 385, 384, 398, 362)),
-    "right_eye": ((33, 7, 163, 144, 145, 153, 154, 155, 133), (33, 246, 161, 160, 159, 158, 157, 173, 133)),
-}
-LID_BLENDS = np.linspace(0.0, 1.0, 9)
+EYE_U, EYE_S = 17, 9  # eye-opening samples: positions along the lids (corners included) x blends between them
 MIN_CELL = 1.0  # crop units; about the mesh's vertex spacing at a typical crop
-CANDIDATES_PER_POINT = 4
+CANDIDATES_PER_POINT = 16
 
 
 class PartMasks(Protocol):
@@ -62,6 +57,7 @@ class RefineConfig:
     damping: float = 1e-2
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    refine_pose: bool = True  # False: expression only (pose held at the regressor's)
 
 
 @dataclass
@@ -106,81 +102,233 @@ def thin_to(points: np.ndarray, cell: float, pmax: int) -> np.ndarray:
     return idx
 
 
+
+def face_boundary_loops(faces: np.ndarray, n_vertices: int) -> list[np.ndarray]:
+    """Ordered boundary loops of the mesh made of the triangles whose vertices are all < n_vertices."""
+    f = np.asarray(faces)
+    f = f[(f < n_vertices).all(1)]
+    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), 1)
+    uniq, cnt = np.unique(e, axis=0, return_counts=True)
+    adj: dict[int, list[int]] = {}
+    for a, b in uniq[cnt == 1]:
+        adj.setdefault(int(a), []).append(int(b))
+        adj.setdefault(int(b), []).append(int(a))
+    seen, loops = set(), []
+    for start in sorted(adj):
+        if start in seen:
+            continue
+        loop, cur = [start], start
+        seen.add(start)
+        while True:
+            nxt = [y for y in adj[cur] if y not in seen]
+            if not nxt:
+                break
+            cur = nxt[0]
+            seen.add(cur)
+            loop.append(cur)
+        loops.append(np.array(loop, np.int64))
+    return loops
+
+
+def _chain_points(chain: np.ndarray, layout: np.ndarray, us: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points at arc-length fractions ``us`` along a vertex polyline: (idx (n, 2), weights (n, 2))."""
+    seg = np.linalg.norm(np.diff(layout[chain], axis=0), axis=1)
+    t = np.concatenate([[0.0], np.cumsum(seg)]) / max(seg.sum(), 1e-12)
+    i = np.clip(np.searchsorted(t, us, side="right") - 1, 0, len(chain) - 2)
+    a = np.clip((us - t[i]) / np.maximum(t[i + 1] - t[i], 1e-12), 0.0, 1.0)
+    return np.stack([chain[i], chain[i + 1]], 1), np.stack([1.0 - a, a], 1)
+
+
+TRI_SUB = 2
+TARGET_SUB = 2
+EYE_VIS_TOL = 0.15
+EYE_RING = 1  # the lids' front edge: this many vertex rings outward from the face surface's eye hole
+
+
+def _ring(faces: np.ndarray, n_vertices: int, loop: np.ndarray, layout: np.ndarray, steps: int) -> np.ndarray:
+    """The vertex ring ``steps`` edges outward from a boundary loop, ordered by angle around the loop's
+    centre in ``layout`` (x, y)."""
+    f = np.asarray(faces)
+    f = f[(f < n_vertices).all(1)]
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    e = np.concatenate([e, e[:, ::-1]])
+    ring, seen = np.asarray(loop), set(int(v) for v in loop)
+    for _ in range(steps):
+        nxt = np.unique(e[np.isin(e[:, 0], ring), 1])
+        ring = np.array([v for v in nxt if int(v) not in seen], np.int64)
+        seen.update(int(v) for v in ring)
+    c = layout[loop].mean(0)
+    return ring[np.argsort(np.arctan2(layout[ring, 1] - c[1], layout[ring, 0] - c[0]))]
+
+
+def eye_opening_samples(model: FaceModel, part: str, ring: int = EYE_RING) -> tuple[np.ndarray, np.ndarray]:
+    """Samples filling one eye's opening: blends between the upper and lower lid edges at fixed positions
+    along the lids.
+
+    The lid edge is the vertex ring ``ring`` steps outward from the face surface's hole around that eyeball
+    (the hole's own rim lies behind the lids' front edge, which is what bounds the visible eyeball; ring 1
+    matches the rendered eye region best, IoU ~0.9 open to half-closed). The eyeball's own vertices do not
+    move when the lids close (only their visibility changes, which has no gradient); the lid edges do.
+    Returns (idx (n, 4), weights (n, 4)).
+    """
+    side = "left" if part.startswith("left") else "right"
+    centre = model.neutral[model.eyeball_slices[side]].mean(0)
+    loops = face_boundary_loops(model.faces, model.n_face_vertices)
+    hole = min(loops, key=lambda lp: float(np.linalg.norm(model.neutral[lp].mean(0) - centre)))
+    layout = np.asarray(model.neutral, np.float64)
+    loop = _ring(model.faces, model.n_face_vertices, hole, layout[:, :2], ring) if ring else hole
+    x = layout[loop, 0]
+    i0, i1 = int(np.argmin(x)), int(np.argmax(x))
+    rolled = np.roll(loop, -i0)
+    k = (i1 - i0) % len(loop)
+    c1, c2 = rolled[: k + 1], np.concatenate([rolled[k:], rolled[:1]])[::-1]  # both from corner i0 to i1
+    upper, lower = (c1, c2) if layout[c1, 1].mean() > layout[c2, 1].mean() else (c2, c1)
+    us = np.linspace(0.0, 1.0, EYE_U)[1:-1]
+    iu, wu = _chain_points(upper, layout, us)
+    il, wl = _chain_points(lower, layout, us)
+    idx, w = [], []
+    for s in np.linspace(0.0, 1.0, EYE_S):
+        idx.append(np.concatenate([il, iu], 1))
+        w.append(np.concatenate([(1.0 - s) * wl, s * wu], 1))
+    for corner in ():
+        idx.append(np.array([[corner] * 4]))
+        w.append(np.array([[1.0, 0.0, 0.0, 0.0]]))
+    return np.concatenate(idx), np.concatenate(w)
+
+
+def surface_candidates(model: FaceModel, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate points of every part as fixed barycentric combinations of mesh vertices.
+
+    Non-eye parts: the vertices and four interior points (centroid and three off-centre points) of every
+    face-surface triangle carrying the part's label (the label a rasteriser gives the triangle), so the
+    samples cover the part's rendered region evenly, thinned by farthest point sampling on the neutral
+    frontal layout to ``budget``. Eyes: `eye_opening_samples`. Returns (idx (C, 4), weights (C, 4),
+    part (C,)).
+    """
+    faces = np.asarray(model.faces)
+    nf = model.n_face_vertices
+    tri_lab = face_labels(faces, model.part_labels)
+    layout = np.asarray(model.neutral[:, :2], np.float64)
+    # centroids of the n x n sub-triangles of each triangle: an area-uniform sampling strictly inside it
+    sub = TRI_SUB
+    bary = []
+    for i in range(sub):
+        for j in range(sub - i):
+            bary.append([(i + 1 / 3) / sub, (j + 1 / 3) / sub])
+            if i + j < sub - 1:
+                bary.append([(i + 2 / 3) / sub, (j + 2 / 3) / sub])
+    bary = np.array([[a, b, 1.0 - a - b] for a, b in bary])
+    all_idx, all_w, all_part = [], [], []
+    for p, name in enumerate(model.part_names):
+        if name in ("left_eye", "right_eye"):
+            idx, w = eye_opening_samples(model, name)
+        else:
+            tri = faces[(tri_lab == p) & (faces < nf).all(1)]
+            idx = np.repeat(tri, len(bary), 0)
+            w = np.tile(bary, (len(tri), 1))
+            idx = np.concatenate([idx, idx[:, :1]], 1)
+            w = np.concatenate([w, np.zeros((len(w), 1))], 1)
+            if len(idx) > budget:
+                xy = np.einsum("ck,ckd->cd", w, layout[idx])
+                sel = np.sort(prdl.farthest_point_sample(xy, budget, np, max_candidates=20000))
+                idx, w = idx[sel], w[sel]
+        all_idx.append(idx)
+        all_w.append(w)
+        all_part.append(np.full(len(idx), p))
+    return (np.concatenate(all_idx).astype(np.int64), np.concatenate(all_w).astype(np.float64),
+            np.concatenate(all_part).astype(np.int64))
+
+
+def splat_visibility(occ_uv: np.ndarray, occ_z: np.ndarray, uv: np.ndarray, z: np.ndarray, cell: float,
+                     size: float, tol: float = 0.5) -> np.ndarray:
+    """(N,) bool: points (uv, depth z) not hidden by a surface given as vertices (occ_uv, occ_z).
+
+    The occluders splat their depth into a grid of ``cell``-sized cells over [0, size]^2 (nearest depth
+    per cell); a point is visible when it lies in the grid and its depth is within ``tol`` of its cell's
+    nearest depth (or the cell is empty). ``cell`` should be about the occluders' vertex spacing.
+    """
+    g = max(int(np.ceil(size / cell)), 1)
+
+    def cells(q):
+        gx = np.floor(q[:, 0] / cell)
+        gy = np.floor(q[:, 1] / cell)
+        ok = (gx >= 0) & (gx < g) & (gy >= 0) & (gy < g)
+        return ok, (np.where(ok, gy, 0) * g + np.where(ok, gx, 0)).astype(np.int64)
+
+    ok_o, c_o = cells(occ_uv)
+    zb = np.full(g * g, np.inf)
+    order = np.lexsort((occ_z[ok_o], c_o[ok_o]))  # by cell, then depth: the first of each cell is nearest
+    co = c_o[ok_o][order]
+    first = np.ones(len(co), bool)
+    first[1:] = co[1:] != co[:-1]
+    zb[co[first]] = occ_z[ok_o][order][first]
+    ok, c = cells(uv)
+    return ok & (z <= zb[c] + tol)
+
+
 class PrdlRefiner:
     def __init__(self, model: FaceModel, config: RefineConfig | None = None, fixed_exp: np.ndarray | None = None):
         self.model = model
         self.config = cfg = config or RefineConfig()
         self.pmax = int(1.5 * cfg.points)
         names = list(model.part_names)
-        labels = np.asarray(model.part_labels)
-        eye_parts = [names.index(p) for p in EYE_LIDS]
-        # candidate vertices: each part's vertices, thinned once (on the neutral face seen from the front)
-        # to a few times the points a frame needs, which keeps every frame's projection and thinning small
-        idx, valid = prdl.part_index(np.where(np.isin(labels, eye_parts), -1, labels), len(names),
-                                     max_points=CANDIDATES_PER_POINT * cfg.points, layout=model.neutral[:, :2])
-        verts = np.sort(idx[valid])
-        # eye-opening points: blends of landmark points, appended after the vertices
-        blends, blend_part, proxy = [], [], []
-        eyeball_ids = np.concatenate([np.arange(model.n_vertices)[sl] for sl in model.eyeball_slices.values()])
-        n_lm = model.lm_neutral.shape[0]
-        for part, (lower, upper) in EYE_LIDS.items():
-            rows = []
-            for a, b in zip(lower[1:-1], upper[1:-1]):
-                for w in LID_BLENDS:
-                    row = np.zeros(n_lm)
-                    row[a], row[b] = 1.0 - w, w
-                    rows.append(row)
-            for corner in (lower[0], lower[-1]):
-                row = np.zeros(n_lm)
-                row[corner] = 1.0
-                rows.append(row)
-            rows = np.array(rows)
-            pts = rows @ model.lm_surface
-            d = np.linalg.norm(model.neutral[eyeball_ids][None] - pts[:, None], axis=2)
-            proxy.extend(eyeball_ids[d.argmin(1)])  # visible when the eyeball behind it is
-            blends.extend(rows)
-            blend_part.extend([names.index(part)] * len(rows))
-        blends = np.array(blends)
-        self.cand_part = np.concatenate([labels[verts], blend_part]).astype(np.int64)
-        self.vis_source = np.concatenate([verts, np.array(proxy, np.int64)])
-        self.neutral = np.concatenate([model.neutral[verts], blends @ model.lm_surface]).astype(np.float64)
-        self.id_basis = np.concatenate([model.id_basis[:, verts], np.einsum("pl,kld->kpd", blends, model.lm_id)],
-                                       axis=1).astype(np.float64)
-        exp_basis = np.concatenate([model.exp_basis[:, verts], np.einsum("pl,kld->kpd", blends, model.lm_exp)],
-                                   axis=1).astype(np.float64)
+        self.n_parts = len(names)
+        # candidate points: fixed barycentric samples of each part's triangles (eyes: of the eye opening),
+        # thinned once on the neutral face seen from the front to a few times the points a frame needs
+        idx, w, part = surface_candidates(model, CANDIDATES_PER_POINT * cfg.points)
+        self.cand_idx, self.cand_w, self.cand_part = idx, w, part
+        self.neutral = np.einsum("ck,ckd->cd", w, model.neutral[idx]).astype(np.float64)
+        self.id_basis = np.einsum("ck,nckd->ncd", w, model.id_basis[:, idx]).astype(np.float64)
+        exp_basis = np.einsum("ck,nckd->ncd", w, model.exp_basis[:, idx]).astype(np.float64)
         self.exp_basis = exp_basis
         self.exp_basis_nk = np.ascontiguousarray(exp_basis.transpose(1, 2, 0))  # (points, 3, 53) for gathers
         self.exp_flat = np.ascontiguousarray(exp_basis.reshape(len(exp_basis), -1))
         self.fixed_exp = np.zeros(model.n_exp, bool) if fixed_exp is None else np.asarray(fixed_exp, bool)
-        layers = np.zeros(model.n_vertices, np.int64)
-        for sl in model.eyeball_slices.values():
-            layers[sl] = 1  # the eyeballs are their own depth layer: a closed lid hides them
-        self.layers = layers
+        nf = model.n_face_vertices
+        self.face_neutral = np.asarray(model.neutral[:nf], np.float64)
+        self.face_id = np.asarray(model.id_basis[:, :nf], np.float64)
+        self.face_exp = np.ascontiguousarray(np.asarray(model.exp_basis[:, :nf], np.float64).reshape(model.n_exp, -1))
         # float32 distance statistics: half the memory traffic of float64, ~1e-3 unit error (prdl.py)
         self.anchors_unit = prdl.anchor_grid(cfg.anchors, (0.0, 0.0, CROP_UNITS, CROP_UNITS), dtype=np.float32)
-        self.n_parts = len(names)
+        self._id_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        # depth tolerance of the visibility test (cm): eye-opening samples must not lie behind a lid that has
+        # come down in front of them (closing lids overlap in depth more than in the image)
+        eye_parts = [names.index(p) for p in ("left_eye", "right_eye")]
+        self.vis_tol = np.where(np.isin(self.cand_part, eye_parts), EYE_VIS_TOL, 0.5)
 
     # ------------------------------------------------------------------ targets
     def targets(self, masks: PartMasks) -> Targets:
-        """Target descriptors of one frame's part masks."""
+        """Target descriptors of one frame's part masks.
+
+        Each part's pixels are reduced to the centroids of the occupied cells of a square grid (cell chosen so
+        that the part has about ``points`` cells); the prediction is reduced on the same grid the same way,
+        so both sets are box-filtered samples of their regions with the same density.
+        """
         cfg = self.config
         labels = masks.label_map()
         k = CROP_UNITS / masks.size
-        sets, cells, grids = [], np.zeros(self.n_parts), []
-        for p in range(self.n_parts):
-            rows, cols = np.nonzero(labels == p)
-            pts = (np.column_stack([cols, rows]).astype(np.float64) + 0.5) * k
-            cell = max(np.sqrt(len(pts) * k * k / cfg.points), MIN_CELL)
-            cells[p] = cell
-            sets.append(pts[thin_to(pts, cell, self.pmax)])
-            if cfg.local_anchors and len(pts):
-                lo, hi = pts.min(0), pts.max(0)
-                pad = cfg.anchor_margin * max(hi - lo) + 2.0
-                grids.append(prdl.anchor_grid(cfg.anchors, (*(lo - pad), *(hi + pad)), dtype=np.float32))
-            else:
-                grids.append(self.anchors_unit)
-        anchors = np.stack(grids) if cfg.local_anchors else self.anchors_unit
-        pts, mask = prdl.pack_parts(sets, np, dtype=np.float64, pmax=self.pmax)
+        rows, cols = np.nonzero(labels >= 0)
+        part = labels[rows, cols].astype(np.int64)
+        n_px = np.bincount(part, minlength=self.n_parts)
+        # each pixel stands for its square (a rasterised region is the union of the squares whose centres it
+        # covers, an unbiased picture of the region's extent): TARGET_SUB x TARGET_SUB points per pixel
+        off = (np.arange(TARGET_SUB) + 0.5) / TARGET_SUB
+        ox, oy = (a.reshape(-1) for a in np.meshgrid(off, off))
+        xy = np.stack([(cols[:, None] + ox[None]).reshape(-1), (rows[:, None] + oy[None]).reshape(-1)], 1) * k
+        part = np.repeat(part, len(ox))
+        cells = np.maximum(np.sqrt(n_px * k * k / cfg.points), MIN_CELL)
+        pts, mask, cells = cell_centroids(xy, part, cells, self.n_parts, self.pmax)
+        if cfg.local_anchors:
+            big = np.where(n_px > 0, 1.0, np.nan)[:, None]
+            lo = np.full((self.n_parts, 2), np.inf)
+            hi = np.full((self.n_parts, 2), -np.inf)
+            np.minimum.at(lo, part, xy)
+            np.maximum.at(hi, part, xy)
+            lo, hi = np.nan_to_num(lo * big, nan=0.0), np.nan_to_num(hi * big, nan=CROP_UNITS)
+            pad = cfg.anchor_margin * (hi - lo).max(1, keepdims=True) + 2.0
+            anchors = anchor_grids(cfg.anchors, lo - pad, hi + pad)
+        else:
+            anchors = self.anchors_unit
         desc = prdl.part_descriptors(pts.astype(np.float32), mask, anchors, np)
         return Targets(desc.astype(np.float32), mask.any(1), cells, anchors, masks)
 
@@ -193,147 +341,351 @@ class PrdlRefiner:
         k = CROP_UNITS / masks.size
         return m * k, (o + 0.5) * k
 
+    def _identity_bases(self, identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate and face-surface neutral shapes for an identity (cached: identity is held while tracking)."""
+        key = np.asarray(identity, np.float64).tobytes()
+        hit = self._id_cache.get(key)
+        if hit is None:
+            ident = np.asarray(identity, np.float64)
+            hit = (self.neutral + np.tensordot(ident, self.id_basis, 1),
+                   self.face_neutral + np.tensordot(ident, self.face_id, 1))
+            if len(self._id_cache) > 8:
+                self._id_cache.clear()
+            self._id_cache[key] = hit
+        return hit
+
     def visibility(self, rc, t, identity, expression, camera: Camera, m, b) -> np.ndarray:
-        """Which candidate points the camera sees (splat z-buffer over the whole tracking mesh)."""
-        verts = self.model.vertices(identity, expression).astype(np.float64) @ rc.T + t
+        """Which candidate points the camera sees: each candidate's depth against a point-splat z-buffer of
+        the face surface's vertices (eyeballs left out: the eye candidates lie on the opening itself)."""
+        base, face_base = self._identity_bases(identity)
+        e = np.asarray(expression, np.float64)
+        face = face_base + (e @ self.face_exp).reshape(-1, 3)
+        verts = face @ rc.T + t
         uv = camera.project(verts) @ m.T + b
+        pc = (base + (e @ self.exp_flat).reshape(-1, 3)) @ rc.T + t
+        cuv = camera.project(pc) @ m.T + b
         px_per_cm = np.linalg.norm(m[:, 0]) * camera.fx / max(t[2], 1e-3)
         cell = max(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
-        vis = vertex_visibility_splat(np.column_stack([uv, verts[:, 2]]), int(CROP_UNITS) + 1,
-                                      int(CROP_UNITS) + 1, radius=cell, tol=0.5, layers=self.layers,
-                                      layer_tol=0.05)
-        return vis[self.vis_source]
-
-    def _select(self, uv: np.ndarray, visible: np.ndarray, cells: np.ndarray):
-        """Thinned visible points per part -> (index (8, pmax) into candidates, mask (8, pmax))."""
-        index = np.zeros((self.n_parts, self.pmax), np.int64)
-        mask = np.zeros((self.n_parts, self.pmax), bool)
-        for p in range(self.n_parts):
-            cand = np.nonzero((self.cand_part == p) & visible)[0]
-            sel = cand[thin_to(uv[cand], cells[p], self.pmax)]
-            index[p, :len(sel)] = sel
-            mask[p, :len(sel)] = True
-        return index, mask
-
-    def _project(self, base, rc, t, e, camera, m, b):
-        x = base + (e @ self.exp_flat).reshape(base.shape)
-        rp = x @ rc.T
-        pc = rp + t
-        uv = np.stack([camera.fx * pc[:, 0] / pc[:, 2] + camera.cx,
-                       camera.fy * pc[:, 1] / pc[:, 2] + camera.cy], 1) @ m.T + b
-        return uv, rp, pc
-
-    def _jacobian(self, index, mask, rp, pc, rc, camera, m, free):
-        """d(crop point)/d(rotation, translation, free expressions) for the selected points,
-        (parts, pmax, 2, n); padded slots stay zero."""
-        n_e = int(free.sum())
-        jac = np.zeros(index.shape + (2, 6 + n_e))
-        rows = index[mask]
-        rp, pc = rp[rows], pc[rows]
-        z = pc[:, 2]
-        a = np.zeros((len(z), 2, 3))
-        a[:, 0, 0] = camera.fx / z
-        a[:, 0, 2] = -camera.fx * pc[:, 0] / z**2
-        a[:, 1, 1] = camera.fy / z
-        a[:, 1, 2] = -camera.fy * pc[:, 1] / z**2
-        a = m @ a  # image px -> crop units
-        j = np.empty((len(z), 2, 6 + n_e))
-        # left-multiplied rotation increment w: d(pc) = w x rp = -[rp]x w
-        cross = np.zeros((len(z), 3, 3))
-        cross[:, 0, 1], cross[:, 0, 2] = rp[:, 2], -rp[:, 1]
-        cross[:, 1, 0], cross[:, 1, 2] = -rp[:, 2], rp[:, 0]
-        cross[:, 2, 0], cross[:, 2, 1] = rp[:, 1], -rp[:, 0]
-        j[:, :, :3] = a @ cross
-        j[:, :, 3:6] = a
-        basis = self.exp_basis_nk[rows][:, :, free]  # (n, 3, k)
-        basis = np.einsum("ij,njk->nik", rc, basis)  # rotated expression deltas
-        j[:, :, 6:] = (a[:, :, :, None] * basis[:, None, :, :]).sum(2)
-        jac[mask] = j
-        return jac
+        return splat_visibility(uv, verts[:, 2], cuv, pc[:, 2], cell, CROP_UNITS, tol=self.vis_tol)
 
     # ------------------------------------------------------------------ refinement
     def refine(self, targets: Targets, camera: Camera, rotation_cam: np.ndarray, translation: np.ndarray,
                expression: np.ndarray, identity: np.ndarray, *, exp_prior: np.ndarray | None = None,
                exp_prev: np.ndarray | None = None) -> RefineResult:
+        """Refine one face (the batched solver with a batch of one)."""
+        return self.refine_batch([RefineProblem(targets, camera, rotation_cam, translation, expression, identity,
+                                                exp_prior, exp_prev)])[0]
+
+    def refine_batch(self, problems: list["RefineProblem"], xp=None) -> list[RefineResult]:
+        """Levenberg-Marquardt refinement of many faces at once, written against the array module ``xp``
+        (NumPy, or CuPy on a GPU: the per-face preparation -- visibility, crop affine -- runs in NumPy, the
+        iterations run on ``xp`` arrays, batched over faces: one sort for the point selection of all faces,
+        one stacked PRDL evaluation, batched normal equations and solves)."""
+        xp = np if xp is None else xp
         cfg = self.config
-        rc, t = rotation_cam.copy(), translation.astype(np.float64).copy()
-        e = np.clip(expression.astype(np.float64), 0.0, 1.0)
-        prior = e.copy() if exp_prior is None else np.asarray(exp_prior, np.float64)
-        m, b = self._crop_affine(targets.masks)
-        base = self.neutral + np.tensordot(identity, self.id_basis, 1)
-        visible = self.visibility(rc, t, identity, e, camera, m, b)
-        free = ~self.fixed_exp
-        n_e = int(free.sum())
-        weights = np.asarray(cfg.part_weights, np.float64)
+        B = len(problems)
+        if B == 0:
+            return []
+        q, pm, n_e = self.n_parts, self.pmax, self.model.n_exp
+        n = 6 + n_e
+        # ---- host preparation
+        bases, vis, aff, cam, e0, prior, prev, has_prev = [], [], [], [], [], [], [], []
+        for pr in problems:
+            m, b = self._crop_affine(pr.targets.masks)
+            e = np.clip(np.asarray(pr.expression, np.float64), 0.0, 1.0)
+            bases.append(self._identity_bases(pr.identity)[0])
+            vis.append(self.visibility(pr.rotation_cam, np.asarray(pr.translation, np.float64), pr.identity, e,
+                                       pr.camera, m, b))
+            aff.append(np.concatenate([m.reshape(-1), b]))
+            cam.append([pr.camera.fx, pr.camera.fy, pr.camera.cx, pr.camera.cy])
+            e0.append(e)
+            prior.append(e if pr.exp_prior is None else np.asarray(pr.exp_prior, np.float64))
+            prev.append(np.zeros(n_e) if pr.exp_prev is None else np.asarray(pr.exp_prev, np.float64))
+            has_prev.append(pr.exp_prev is not None)
+        A = max(int(pr.targets.anchors.shape[-2]) for pr in problems)
+        anchors = np.stack([np.broadcast_to(pr.targets.anchors, (q, A, 2)) for pr in problems]).reshape(B * q, A, 2)
+        tdesc = np.stack([pr.targets.desc for pr in problems]).reshape(B * q, A, 3)
+        tvalid = np.stack([pr.targets.valid for pr in problems]).reshape(-1)
+        cells = np.stack([pr.targets.cells for pr in problems])
+        asx = xp.asarray
+        base = asx(np.stack(bases))  # (B, C, 3)
+        visible = asx(np.stack(vis))
+        aff = asx(np.array(aff))
+        cam = asx(np.array(cam, np.float64))
+        E = asx(np.array(e0))
+        P0, Pv = asx(np.array(prior)), asx(np.array(prev))
+        tw = cfg.temporal * asx(np.array(has_prev, np.float64))[:, None]
+        RC = asx(np.stack([np.asarray(pr.rotation_cam, np.float64) for pr in problems]))
+        T = asx(np.stack([np.asarray(pr.translation, np.float64) for pr in problems]))
+        anchors, tdesc = asx(anchors.astype(np.float32)), asx(tdesc.astype(np.float32))
+        tvalid, cells = asx(tvalid), asx(cells)
+        weights = asx(np.tile(np.asarray(cfg.part_weights, np.float32), B))
+        free = asx(~self.fixed_exp)
+        cand_part, exp_flat = asx(self.cand_part), asx(self.exp_flat)
+        basis_c = asx(self.exp_basis_nk.reshape(len(self.cand_part), -1))  # (C, 3 * 53)
+        rc0, t0 = RC.copy(), T.copy()
 
-        def prior_cost(e_):
-            d = e_[free] - prior[free]
-            total = cfg.prior * float(d @ d)
-            if exp_prev is not None:
-                dp = e_[free] - exp_prev[free]
-                total += cfg.temporal * float(dp @ dp)
-            return total
+        def project(Xs, RC_, T_):
+            """Model points (B, S, 3) -> crop points (B, S, 2), camera points (B, S, 3)."""
+            pc = xp.einsum("bij,bsj->bsi", RC_, Xs) + T_[:, None, :]
+            u = cam[:, None, 0] * pc[..., 0] / pc[..., 2] + cam[:, None, 2]
+            v = cam[:, None, 1] * pc[..., 1] / pc[..., 2] + cam[:, None, 3]
+            x = aff[:, None, 0] * u + aff[:, None, 1] * v + aff[:, None, 4]
+            y = aff[:, None, 2] * u + aff[:, None, 3] * v + aff[:, None, 5]
+            return xp.stack([x, y], -1), pc
 
-        def trial_loss(rc_, t_, e_, index, mask):
-            """Objective at a trial step, with the iteration's point selection (descriptors only)."""
-            uv, _, _ = self._project(base, rc_, t_, e_, camera, m, b)
-            desc = prdl.part_descriptors(uv[index].astype(np.float32), mask, targets.anchors, np)
-            r = (desc - targets.desc) * w_scale
-            return float((r * r).sum()) + prior_cost(e_)
+        def select(E_, RC_, T_):
+            """Cell centroids of each part's visible candidates: slot bases (B, q*pm, 3), bases (B, q*pm, 3, 53),
+            mask (B*q, pm)."""
+            X = base + (E_ @ exp_flat).reshape(base.shape)
+            uv, _ = project(X, RC_, T_)
+            return select_cells(xp, uv, visible, cand_part, cells, base, basis_c, q, pm)
 
-        w_used = weights * targets.valid
-        uv, rp, pc = self._project(base, rc, t, e, camera, m, b)
-        index, mask = self._select(uv, visible, targets.cells)
-        w_scale = np.sqrt(w_used * mask.any(1) / targets.anchors.shape[-2])[:, None, None]
-        terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors, weights,
-                                        target_valid=targets.valid)
-        loss_before = terms.loss
-        lam = cfg.damping
-        it = 0
+        def slot_points(sel, E_, RC_, T_):
+            sbase, sbasis, _ = sel
+            Xs = sbase + xp.einsum("bskn,bn->bsk", sbasis, E_)
+            return project(Xs, RC_, T_)
+
+        def prdl_residual_loss(uv, smask):
+            desc = prdl.part_descriptors(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, anchors, xp)
+            used = tvalid & smask.any(1)
+            sw = xp.sqrt(weights * used / A)[:, None, None]
+            r = (desc - tdesc) * sw
+            return (r * r).reshape(B, -1).sum(1).astype(xp.float64)
+
+        def prior_cost(E_):
+            d = (E_ - P0) * free
+            dp = (E_ - Pv) * free
+            return cfg.prior * (d * d).sum(1) + (tw[:, 0] * (dp * dp).sum(1))
+
+        sel = select(E, RC, T)
+        uv, _ = slot_points(sel, E, RC, T)
+        loss_before = prdl_residual_loss(uv, sel[2])
+        lam = xp.full(B, cfg.damping)
+        alive = xp.ones(B, bool)
+        iters = np.zeros(B, np.int64)
+        eye = xp.eye(n)
         for it in range(1, cfg.iterations + 1):
-            if it > 1:  # re-thin the moved points once per iteration; trials below keep this selection
-                uv, rp, pc = self._project(base, rc, t, e, camera, m, b)
-                index, mask = self._select(uv, visible, targets.cells)
-                w_scale = np.sqrt(w_used * mask.any(1) / targets.anchors.shape[-2])[:, None, None]
-                terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors,
-                                                weights, target_valid=targets.valid)
-            total = terms.loss + prior_cost(e)
-            jac = self._jacobian(index, mask, rp, pc, rc, camera, m, free)
-            jtj, jtr = (x.astype(np.float64) for x in prdl.normal_equations(
-                jac.astype(np.float32), terms, mean_anchor_stride=cfg.mean_anchor_stride))
-            ef = e[free]
-            sl = slice(6, 6 + n_e)
-            diag = np.full(n_e, cfg.prior)
-            jtr[sl] += cfg.prior * (ef - prior[free])
-            if exp_prev is not None:
-                diag += cfg.temporal
-                jtr[sl] += cfg.temporal * (ef - exp_prev[free])
-            jtj[sl, sl] += np.diag(diag)
-            active = np.ones(6 + n_e, bool)
-            active[sl] = ~(((ef <= 0.0) & (jtr[sl] > 0)) | ((ef >= 1.0) & (jtr[sl] < 0)))
-            hh = jtj[np.ix_(active, active)]
-            improved = False
+            if it > 1:  # re-select the moved points once per iteration; trials below keep this selection
+                sel = select(E, RC, T)
+            sbase, sbasis, smask = sel
+            uv, pc = slot_points(sel, E, RC, T)
+            terms = prdl.gauss_newton_terms(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, tdesc, anchors,
+                                            weights, target_valid=tvalid, xp=xp)
+            total = xp.asarray(terms.residuals, xp.float64).reshape(B, -1)
+            total = (total * total).sum(1) + prior_cost(E)
+            jac = slot_jacobian(xp, pc, T, RC, sbasis, cam, aff)  # (B, q*pm, 2, n)
+            jtj, jtr = batched_normal_equations(jac.reshape(B * q, pm, 2, n).astype(xp.float32), terms, B,
+                                                mean_anchor_stride=cfg.mean_anchor_stride)
+            jtj, jtr = jtj.astype(xp.float64), jtr.astype(xp.float64)
+            diag = (cfg.prior + tw) * free  # (B, 53)
+            jtr[:, 6:] += (cfg.prior * (E - P0) + tw * (E - Pv)) * free
+            jtj[:, 6:, 6:] += diag[:, :, None] * eye[6:, 6:]
+            act = xp.full((B, n), True)
+            act[:, :6] = bool(cfg.refine_pose)
+            act[:, 6:] = free & ~(((E <= 0.0) & (jtr[:, 6:] > 0)) | ((E >= 1.0) & (jtr[:, 6:] < 0)))
+            actf = act.astype(xp.float64)
+            hh = jtj * actf[:, :, None] * actf[:, None, :]
+            hdiag = xp.diagonal(hh, axis1=1, axis2=2)
+            pending = alive.copy()
             for _ in range(4):  # Levenberg-Marquardt: shrink the step until the objective drops
-                h = hh + lam * np.diag(np.diag(hh) + 1e-6)
-                delta = np.zeros(6 + n_e)
-                delta[active] = -np.linalg.solve(h, jtr[active])
-                rc_n, t_n, e_n = rodrigues(delta[:3]) @ rc, t + delta[3:6], e.copy()
-                e_n[free] = np.clip(ef + delta[sl], 0.0, 1.0)
-                if trial_loss(rc_n, t_n, e_n, index, mask) < total:
-                    rc, t, e = rc_n, t_n, e_n
-                    lam = max(lam * 0.3, 1e-4)
-                    improved = True
+                h = hh + eye * (lam[:, None] * (hdiag + 1e-6) + (1.0 - actf))[:, None, :]
+                delta = -xp.linalg.solve(h, (jtr * actf)[..., None])[..., 0]
+                RCn = batched_rodrigues(xp, delta[:, :3]) @ RC
+                Tn = T + delta[:, 3:6]
+                En = xp.where(free, xp.clip(E + delta[:, 6:], 0.0, 1.0), E)
+                uvn, _ = slot_points(sel, En, RCn, Tn)
+                ok = pending & (prdl_residual_loss(uvn, smask) + prior_cost(En) < total)
+                RC = xp.where(ok[:, None, None], RCn, RC)
+                T = xp.where(ok[:, None], Tn, T)
+                E = xp.where(ok[:, None], En, E)
+                lam = xp.where(ok, xp.maximum(lam * 0.3, 1e-4), xp.where(pending, lam * 10.0, lam))
+                pending = pending & ~ok
+                if not bool(pending.any()):
                     break
-                lam *= 10.0
-            if not improved:
+            iters += _host(alive).astype(np.int64)
+            alive = alive & ~pending  # a face with no improving step is done
+            if not bool(alive.any()):
                 break
-        uv, _, _ = self._project(base, rc, t, e, camera, m, b)
-        index, mask = self._select(uv, visible, targets.cells)
-        terms = prdl.gauss_newton_terms(uv[index].astype(np.float32), mask, targets.desc, targets.anchors, weights,
-                                        target_valid=targets.valid)
-        geo = (index, mask)
-        used = [bool(v) for v in (geo[1].any(1) & targets.valid)]
-        if terms.loss > loss_before:  # re-thinning can cost a little: never return worse than the start
-            return RefineResult(rotation_cam.copy(), translation.copy(), np.clip(expression, 0.0, 1.0),
-                                float(loss_before), float(loss_before), it, used)
-        return RefineResult(rc, t, e, float(loss_before), float(terms.loss), it, used)
+        sel = select(E, RC, T)
+        uv, _ = slot_points(sel, E, RC, T)
+        loss_after = prdl_residual_loss(uv, sel[2])
+        used = _host((tvalid & sel[2].any(1)).reshape(B, q))
+        worse = loss_after > loss_before  # re-selection can cost a little: never return worse than the start
+        RC = xp.where(worse[:, None, None], rc0, RC)
+        T = xp.where(worse[:, None], t0, T)
+        E = xp.where(worse[:, None], asx(np.array(e0)), E)
+        loss_after = xp.where(worse, loss_before, loss_after)
+        RC, T, E, lb, la = (_host(a) for a in (RC, T, E, loss_before, loss_after))
+        return [RefineResult(RC[i], T[i], E[i], float(lb[i]), float(la[i]), int(iters[i]), [bool(u) for u in used[i]])
+                for i in range(B)]
+
+
+@dataclass
+class RefineProblem:
+    """One face of a batched refinement."""
+
+    targets: Targets
+    camera: Camera
+    rotation_cam: np.ndarray
+    translation: np.ndarray
+    expression: np.ndarray
+    identity: np.ndarray
+    exp_prior: np.ndarray | None = None
+    exp_prev: np.ndarray | None = None
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def anchor_grids(n: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(parts, n*n, 2) float32 cell-centre anchors of one n x n grid per box (lo (parts, 2), hi (parts, 2))."""
+    f = (np.arange(n) + 0.5) / n
+    xs = lo[:, 0:1] + f[None] * (hi[:, 0:1] - lo[:, 0:1])  # (parts, n)
+    ys = lo[:, 1:2] + f[None] * (hi[:, 1:2] - lo[:, 1:2])
+    gx = np.broadcast_to(xs[:, None, :], (len(lo), n, n))
+    gy = np.broadcast_to(ys[:, :, None], (len(lo), n, n))
+    return np.stack([gx.reshape(len(lo), -1), gy.reshape(len(lo), -1)], -1).astype(np.float32)
+
+
+def cell_centroids(xy: np.ndarray, part: np.ndarray, cells: np.ndarray, n_parts: int, pmax: int):
+    """Centroids of the occupied cells of each part's grid (cell size ``cells[part]``, origin 0).
+
+    Returns (points (n_parts, pmax, 2), mask (n_parts, pmax), cells (n_parts,)); a part with more than ``pmax``
+    occupied cells gets a coarser cell (returned in ``cells``)."""
+    cells = np.asarray(cells, np.float64).copy()
+    while True:
+        g = np.floor(xy / cells[part][:, None]).astype(np.int64)
+        key = (part * 4096 + g[:, 1] + 2048) * 4096 + g[:, 0] + 2048
+        uk, inv = np.unique(key, return_inverse=True)
+        gpart = uk // (4096 * 4096)
+        cnt = np.bincount(gpart, minlength=n_parts)
+        over = cnt > pmax
+        if not over.any():
+            break
+        cells[over] *= np.sqrt(cnt[over] / pmax) * 1.05
+    w = np.bincount(inv)
+    cx = np.bincount(inv, xy[:, 0]) / w
+    cy = np.bincount(inv, xy[:, 1]) / w
+    rank = np.arange(len(uk)) - (np.cumsum(cnt) - cnt)[gpart]
+    pts = np.zeros((n_parts, pmax, 2))
+    mask = np.zeros((n_parts, pmax), bool)
+    pts[gpart, rank] = np.column_stack([cx, cy])
+    mask[gpart, rank] = True
+    return pts, mask, cells
+
+
+def select_cells(xp, uv, visible, cand_part, cells, base, basis, q: int, pm: int):
+    """Batched cell-centroid selection of predicted points (the prediction's side of `cell_centroids`).
+
+    uv (B, C, 2) crop points of the candidates, visible (B, C), cand_part (C,), cells (B, q), base (B, C, 3)
+    model-space candidates, basis (C, 3 * n_e) their expression deltas. The candidates of each (face, part)
+    are grouped by grid cell; each group becomes one predicted point, the mean of its candidates, kept as a
+    fixed average of model points so that it moves smoothly with the parameters (membership is re-chosen
+    once per iteration). Returns slot bases (B, q*pm, 3), slot expression bases (B, q*pm, 3, n_e) and the
+    slot mask (B*q, pm). Groups beyond ``pm`` per part are dropped (the cell sizes are chosen so that this
+    does not happen in practice)."""
+    B, C, _ = uv.shape
+    K = 4096
+    cellc = cells[:, cand_part]  # (B, C)
+    gx = xp.floor(uv[..., 0] / cellc).astype(xp.int64)
+    gy = xp.floor(uv[..., 1] / cellc).astype(xp.int64)
+    ok = visible & (gx > -K // 2) & (gx < K // 2) & (gy > -K // 2) & (gy < K // 2)
+    fp = xp.arange(B)[:, None] * q + cand_part[None, :]  # flat (face, part)
+    big = (B * q) * K * K
+    key = xp.where(ok, (fp * K + gy + K // 2) * K + gx + K // 2, big).reshape(-1)
+    order = xp.argsort(key)
+    sk = key[order]
+    n_ok = int(ok.sum())
+    order, sk = order[:n_ok], sk[:n_ok]
+    new = xp.ones(n_ok, bool)
+    new[1:] = sk[1:] != sk[:-1]
+    starts = xp.nonzero(new)[0]
+    ends = xp.concatenate([starts[1:], xp.asarray([n_ok])])
+    gpart = sk[starts] // (K * K)  # flat (face, part) of each group
+    cnt = xp.bincount(gpart, minlength=B * q)
+    rank = xp.arange(len(starts)) - (xp.cumsum(cnt) - cnt)[gpart]
+    keep = rank < pm
+    slot = (gpart * pm + rank)[keep]
+    cidx = order % C
+    bidx = order // C
+    vals = xp.concatenate([base[bidx, cidx], basis[cidx]], 1)  # (M, 3 + 3 n_e)
+    cs = xp.concatenate([xp.zeros((1, vals.shape[1])), xp.cumsum(vals, 0)])
+    sums = cs[ends] - cs[starts]
+    means = (sums / (ends - starts)[:, None])[keep]
+    out = xp.zeros((B * q * pm, vals.shape[1]))
+    out[slot] = means
+    smask = xp.zeros(B * q * pm, bool)
+    smask[slot] = True
+    n_e = (vals.shape[1] - 3) // 3
+    return (out[:, :3].reshape(B, q * pm, 3), out[:, 3:].reshape(B, q * pm, 3, n_e), smask.reshape(B * q, pm))
+
+
+def slot_jacobian(xp, pc, T, RC, sbasis, cam, aff):
+    """d(crop point)/d(rotation increment, translation, expression) (B, S, 2, 6 + n_e) of points whose camera
+    coordinates are ``pc`` (B, S, 3) = RC (model point) + T and whose expression deltas are ``sbasis``
+    (B, S, 3, n_e). Rotation increments are left-multiplied: d(pc) = w x (pc - T)."""
+    z = pc[..., 2]
+    a = xp.zeros(pc.shape[:2] + (2, 3))
+    a[..., 0, 0] = cam[:, None, 0] / z
+    a[..., 0, 2] = -cam[:, None, 0] * pc[..., 0] / z ** 2
+    a[..., 1, 1] = cam[:, None, 1] / z
+    a[..., 1, 2] = -cam[:, None, 1] * pc[..., 1] / z ** 2
+    M = aff[:, :4].reshape(-1, 1, 2, 2)
+    a = M @ a  # image px -> crop units
+    rp = pc - T[:, None, :]
+    cross = xp.zeros(pc.shape[:2] + (3, 3))
+    cross[..., 0, 1], cross[..., 0, 2] = rp[..., 2], -rp[..., 1]
+    cross[..., 1, 0], cross[..., 1, 2] = -rp[..., 2], rp[..., 0]
+    cross[..., 2, 0], cross[..., 2, 1] = rp[..., 1], -rp[..., 0]
+    rb = xp.einsum("bij,bsjk->bsik", RC, sbasis)  # rotated expression deltas
+    return xp.concatenate([a @ cross, a, a @ rb], -1)
+
+
+def batched_rodrigues(xp, w):
+    """(B, 3) axis-angle vectors -> (B, 3, 3) rotation matrices."""
+    theta = xp.sqrt((w * w).sum(1))
+    k = w / xp.maximum(theta, 1e-12)[:, None]
+    K = xp.zeros((len(w), 3, 3))
+    K[:, 0, 1], K[:, 0, 2] = -k[:, 2], k[:, 1]
+    K[:, 1, 0], K[:, 1, 2] = k[:, 2], -k[:, 0]
+    K[:, 2, 0], K[:, 2, 1] = -k[:, 1], k[:, 0]
+    s, c = xp.sin(theta)[:, None, None], xp.cos(theta)[:, None, None]
+    return xp.eye(3)[None] + s * K + (1.0 - c) * (K @ K)
+
+
+def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_stride: int = 1):
+    """Per-face J^T J (B, n, n) and J^T r (B, n) of stacked faces (parts = faces x parts per face, in order).
+
+    Same construction as `prdl.normal_equations` (min/max rows summed per point as G^T S G, mean rows formed
+    per part as (A, n) blocks, optionally from every s-th anchor), kept per face."""
+    xp = prdl.get_array_module(points_jac, terms.grad)
+    dt = points_jac.dtype
+    parts, na, pm = terms.shape
+    B = int(n_faces)
+    q = parts // B
+    n = points_jac.shape[-1]
+    G = points_jac * terms.mask[..., None, None]
+    Gb = G.reshape(B, q * pm, 2, n)
+    jtr = 0.5 * xp.einsum("bvk,bvkn->bn", terms.grad.reshape(B, q * pm, 2).astype(dt), Gb)
+    flat = (terms.index + (xp.arange(parts) * pm)[:, None, None]).reshape(-1)
+    u = terms.unit.reshape(-1, 2).astype(dt)
+    nv = parts * pm
+    sxx = xp.bincount(flat, weights=u[:, 0] * u[:, 0], minlength=nv).astype(dt).reshape(B, q * pm, 1)
+    sxy = xp.bincount(flat, weights=u[:, 0] * u[:, 1], minlength=nv).astype(dt).reshape(B, q * pm, 1)
+    syy = xp.bincount(flat, weights=u[:, 1] * u[:, 1], minlength=nv).astype(dt).reshape(B, q * pm, 1)
+    SG = xp.stack([sxx * Gb[:, :, 0] + sxy * Gb[:, :, 1], sxy * Gb[:, :, 0] + syy * Gb[:, :, 1]], 2)
+    jtj = xp.matmul(Gb.reshape(B, -1, n).transpose(0, 2, 1), SG.reshape(B, -1, n))
+    s = max(int(mean_anchor_stride), 1)
+    a = terms.anchors[:, ::s].astype(dt)  # (parts, A', 2)
+    v = terms.points.astype(dt)
+    k = terms.inv_dist[:, ::s].astype(dt) * terms.mean_scale.astype(dt)[:, None, None]  # (parts, A', Pmax)
+    c = xp.empty((parts, a.shape[1], 2, pm), dt)
+    for j in range(2):
+        xp.subtract(v[:, None, :, j], a[:, :, j, None], out=c[:, :, j])
+        c[:, :, j] *= k
+    gk = xp.ascontiguousarray(G.transpose(0, 2, 1, 3)).reshape(parts, 2 * pm, n)
+    jm = xp.matmul(c.reshape(parts, a.shape[1], 2 * pm), gk).reshape(B, -1, n)
+    jtj = jtj + float(s) * xp.matmul(jm.transpose(0, 2, 1), jm)
+    return 0.5 * (jtj + jtj.transpose(0, 2, 1)), jtr
