@@ -37,7 +37,9 @@ def _add_tracking_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--fov", type=float, default=DEFAULT_HFOV_DEG,
                    help=f"camera horizontal field of view in degrees (default {DEFAULT_HFOV_DEG:g})")
-    p.add_argument("--backend", default="auto", help="network backend: auto (default) or torch")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda", "tensorrt"],
+                   help="network backend: auto (default: tensorrt > cuda > torch, whichever runs here; "
+                        "$FACESTREAM_BACKEND overrides auto), torch (CPU), cuda, tensorrt")
     p.add_argument("--landmark-model", default="attention", choices=["attention", "mesh468"],
                    help="attention: 478-point attention mesh (default); mesh468: 468 mesh + iris network")
     p.add_argument("--detect-every", type=int, default=30,
@@ -245,7 +247,8 @@ def cmd_eval_prdl(args) -> int:
     from engine.eval_prdl import evaluate, format_report
     from engine.refine import RefineConfig
 
-    cfg = RefineConfig(anchors=args.anchors, points=args.points, iterations=args.iterations)
+    cfg = RefineConfig(anchors=args.anchors, points=args.points, iterations=args.iterations,
+                       candidates=args.candidates)
     result = evaluate(args.faces, cfg, seed=args.seed)
     result["machine"] = machine_description()
     print(format_report(result))
@@ -331,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchors", type=int, default=defaults.anchors, help="anchor grid is N x N")
     p.add_argument("--points", type=int, default=defaults.points, help="points per part")
     p.add_argument("--iterations", type=int, default=defaults.iterations)
+    p.add_argument("--candidates", type=int, default=defaults.candidates,
+                   help="candidate surface samples per point and part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_eval_prdl)

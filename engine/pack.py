@@ -15,8 +15,9 @@ PACK_NAME = "open"
 class Pack:
     """Loads the networks and the face model once; makes any number of per-video trackers."""
 
-    def __init__(self, backend: str = "auto", landmark_model: str = "attention", threads: int | None = None):
-        self.backend = select_backend(backend, threads=threads)
+    def __init__(self, backend="auto", landmark_model: str = "attention", threads: int | None = None):
+        # a backend name ("auto", "torch", "cuda", "tensorrt") or a backend object
+        self.backend = select_backend(backend, threads=threads) if isinstance(backend, str) else backend
         self.model = FaceModel.load()
         self.detector = FaceDetector(self.backend)
         self.landmarker = Landmarker(self.backend, landmark_model)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU engines benchmark for a lent NVIDIA machine (no network, no package registry; torch CUDA 13, cupy,
+# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (80+90+240+60 s).
+#   bash bench/gpu.sh            # on the GPU machine
+#   bash bench/gpu.sh --device cpu --streams 1,2   # the same steps on a CPU machine (checks the script)
+# Needs FACESTREAM_ASSETS (shared assets: ICT model, MediaPipe geometry, media) and the MediaPipe .tflite
+# files under <assets root>/mediapipe_models/ or ~/.cache/facestream/mediapipe_models/.
+# Writes to $OUT (or ./gpu_out): environment.txt, machine.txt, gpu_tests.txt, bench_gpu.json/.txt, prdl_*.txt, refine_batch.txt.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_out}"
+export OUT
+mkdir -p "$OUT"
+export FACESTREAM_ASSETS="${FACESTREAM_ASSETS:-../shared/assets}"
+T0=$(date +%s)
+step() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
+
+step "machine and assets"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+  python -c "import cupy; print('cupy', cupy.__version__)" 2>&1 | tail -1
+  python -m engine.cli assets check
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+if ! python -m engine.cli assets check > /dev/null 2>&1; then
+  echo "gpu.sh: error: required assets missing (see $OUT/environment.txt): set FACESTREAM_ASSETS to the shared assets" \
+       "and put the MediaPipe .tflite files in <assets>/mediapipe_models/ or ~/.cache/facestream/mediapipe_models/" >&2
+  exit 2
+fi
+
+step "GPU backend and batching tests"
+timeout 80 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py > "$OUT/gpu_tests.txt" 2>&1
+echo "pytest rc=$?" >> "$OUT/gpu_tests.txt"
+tail -6 "$OUT/gpu_tests.txt"
+
+step "PRDL / raster GPU check (bench/gpu_check.sh)"
+timeout 90 bash bench/gpu_check.sh > /dev/null 2>&1
+echo "gpu_check rc=$?"
+tail -3 "$OUT/prdl_tests.txt" 2>/dev/null
+
+step "engine benchmark (python -m engine.bench_gpu)"
+timeout 240 python -m engine.bench_gpu --out "$OUT" "$@" > "$OUT/bench_gpu.log" 2>&1
+echo "bench_gpu rc=$?" | tee -a "$OUT/bench_gpu.log"
+cat "$OUT/bench_gpu.txt" 2>/dev/null || tail -30 "$OUT/bench_gpu.log"
+
+# ---- OPTIONAL: batched PRDL bench, owned by the PRDL work; runs only if engine.refine has --bench-batch
+step "optional: batched PRDL (python -m engine.refine --bench-batch 64)"
+if timeout 15 python -m engine.refine --help 2>/dev/null | grep -q -- "--bench-batch"; then
+  timeout 45 python -m engine.refine --bench-batch 64 > "$OUT/refine_batch.txt" 2>&1
+  echo "refine rc=$?" >> "$OUT/refine_batch.txt"
+  tail -15 "$OUT/refine_batch.txt"
+else
+  echo "skipped: engine.refine has no --bench-batch option yet" | tee "$OUT/refine_batch.txt"
+fi
+step "done"
