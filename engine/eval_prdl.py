@@ -109,7 +109,8 @@ def evaluate(n_faces: int = 60, config: RefineConfig | None = None, seed: int = 
     cfg = refiner.config
     return {
         "faces": n_faces,
-        "config": {"anchors": cfg.anchors, "points": cfg.points, "iterations": cfg.iterations},
+        "config": {"anchors": cfg.anchors, "points": cfg.points, "iterations": cfg.iterations,
+                   "candidates": cfg.candidates},
         "iou_before": {p: round(mean(v), 4) for p, v in iou_b.items()},
         "iou_after": {p: round(mean(v), 4) for p, v in iou_a.items()},
         "mean_iou_before": round(mean([mean(v) for v in iou_b.values()]), 4),

@@ -31,7 +31,6 @@ from engine.raster import face_labels
 CROP_UNITS = 100.0
 EYE_U, EYE_S = 17, 9  # eye-opening samples: positions along the lids (corners included) x blends between them
 MIN_CELL = 1.0  # crop units; about the mesh's vertex spacing at a typical crop
-CANDIDATES_PER_POINT = 16
 
 
 class PartMasks(Protocol):
@@ -57,6 +56,7 @@ class RefineConfig:
     damping: float = 1e-2
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    candidates: int = 16  # candidate surface samples per target point (before visibility and cell grouping)
     refine_pose: bool = True  # False: expression only (pose held at the regressor's)
 
 
@@ -275,7 +275,7 @@ class PrdlRefiner:
         self.n_parts = len(names)
         # candidate points: fixed barycentric samples of each part's triangles (eyes: of the eye opening),
         # thinned once on the neutral face seen from the front to a few times the points a frame needs
-        idx, w, part = surface_candidates(model, CANDIDATES_PER_POINT * cfg.points)
+        idx, w, part = surface_candidates(model, cfg.candidates * cfg.points)
         self.cand_idx, self.cand_w, self.cand_part = idx, w, part
         self.neutral = np.einsum("ck,ckd->cd", w, model.neutral[idx]).astype(np.float64)
         self.id_basis = np.einsum("ck,nckd->ncd", w, model.id_basis[:, idx]).astype(np.float64)
@@ -286,7 +286,8 @@ class PrdlRefiner:
         self.fixed_exp = np.zeros(model.n_exp, bool) if fixed_exp is None else np.asarray(fixed_exp, bool)
         nf = model.n_face_vertices
         self.face_neutral = np.asarray(model.neutral[:nf], np.float64)
-        self.face_id = np.asarray(model.id_basis[:, :nf], np.float64)
+        self.face_id_flat = np.ascontiguousarray(np.asarray(model.id_basis[:, :nf], np.float64).reshape(model.n_id, -1))
+        self.id_flat = np.ascontiguousarray(self.id_basis.reshape(model.n_id, -1))
         self.face_exp = np.ascontiguousarray(np.asarray(model.exp_basis[:, :nf], np.float64).reshape(model.n_exp, -1))
         # float32 distance statistics: half the memory traffic of float64, ~1e-3 unit error (prdl.py)
         self.anchors_unit = prdl.anchor_grid(cfg.anchors, (0.0, 0.0, CROP_UNITS, CROP_UNITS), dtype=np.float32)
@@ -319,12 +320,10 @@ class PrdlRefiner:
         cells = np.maximum(np.sqrt(n_px * k * k / cfg.points), MIN_CELL)
         pts, mask, cells = cell_centroids(xy, part, cells, self.n_parts, self.pmax)
         if cfg.local_anchors:
-            big = np.where(n_px > 0, 1.0, np.nan)[:, None]
-            lo = np.full((self.n_parts, 2), np.inf)
-            hi = np.full((self.n_parts, 2), -np.inf)
-            np.minimum.at(lo, part, xy)
-            np.maximum.at(hi, part, xy)
-            lo, hi = np.nan_to_num(lo * big, nan=0.0), np.nan_to_num(hi * big, nan=CROP_UNITS)
+            big = np.where(mask, 0.0, np.inf)[..., None]
+            lo, hi = (pts + big).min(1), (pts - big).max(1)
+            empty = ~mask.any(1)
+            lo[empty], hi[empty] = 0.0, CROP_UNITS
             pad = cfg.anchor_margin * (hi - lo).max(1, keepdims=True) + 2.0
             anchors = anchor_grids(cfg.anchors, lo - pad, hi + pad)
         else:
@@ -347,8 +346,8 @@ class PrdlRefiner:
         hit = self._id_cache.get(key)
         if hit is None:
             ident = np.asarray(identity, np.float64)
-            hit = (self.neutral + np.tensordot(ident, self.id_basis, 1),
-                   self.face_neutral + np.tensordot(ident, self.face_id, 1))
+            hit = (self.neutral + (ident @ self.id_flat).reshape(-1, 3),
+                   self.face_neutral + (ident @ self.face_id_flat).reshape(-1, 3))
             if len(self._id_cache) > 8:
                 self._id_cache.clear()
             self._id_cache[key] = hit
@@ -422,7 +421,8 @@ class PrdlRefiner:
         weights = asx(np.tile(np.asarray(cfg.part_weights, np.float32), B))
         free = asx(~self.fixed_exp)
         cand_part, exp_flat = asx(self.cand_part), asx(self.exp_flat)
-        basis_c = asx(self.exp_basis_nk.reshape(len(self.cand_part), -1))  # (C, 3 * 53)
+        C = len(self.cand_part)
+        basis_c = asx(self.exp_basis_nk.reshape(C, -1))  # (C, 3 * 53)
         rc0, t0 = RC.copy(), T.copy()
 
         def project(Xs, RC_, T_):
@@ -434,17 +434,17 @@ class PrdlRefiner:
             y = aff[:, None, 2] * u + aff[:, None, 3] * v + aff[:, None, 5]
             return xp.stack([x, y], -1), pc
 
-        def select(E_, RC_, T_):
-            """Cell centroids of each part's visible candidates: slot bases (B, q*pm, 3), bases (B, q*pm, 3, 53),
-            mask (B*q, pm)."""
-            X = base + (E_ @ exp_flat).reshape(base.shape)
-            uv, _ = project(X, RC_, T_)
-            return select_cells(xp, uv, visible, cand_part, cells, base, basis_c, q, pm)
+        def candidates(E_, RC_, T_):
+            """Crop points (B, C, 2) and camera points (B, C, 3) of all candidates."""
+            return project(base + (E_ @ exp_flat).reshape(base.shape), RC_, T_)
 
-        def slot_points(sel, E_, RC_, T_):
-            sbase, sbasis, _ = sel
-            Xs = sbase + xp.einsum("bskn,bn->bsk", sbasis, E_)
-            return project(Xs, RC_, T_)
+        def slot_points(sel, uvc):
+            """Predicted points (B, q*pm, 2): the mean of each cell's member candidates."""
+            member, slot, count = sel[0], sel[1], xp.maximum(sel[2], 1)
+            flat = uvc.reshape(-1, 2)[member]
+            x = xp.bincount(slot, weights=flat[:, 0], minlength=len(count)) / count
+            y = xp.bincount(slot, weights=flat[:, 1], minlength=len(count)) / count
+            return xp.stack([x, y], -1).reshape(B, q * pm, 2)
 
         def prdl_residual_loss(uv, smask):
             desc = prdl.part_descriptors(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, anchors, xp)
@@ -458,23 +458,28 @@ class PrdlRefiner:
             dp = (E_ - Pv) * free
             return cfg.prior * (d * d).sum(1) + (tw[:, 0] * (dp * dp).sum(1))
 
-        sel = select(E, RC, T)
-        uv, _ = slot_points(sel, E, RC, T)
-        loss_before = prdl_residual_loss(uv, sel[2])
+        uvc, pcc = candidates(E, RC, T)
+        sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
+        loss_before = prdl_residual_loss(slot_points(sel, uvc), sel[4])
         lam = xp.full(B, cfg.damping)
         alive = xp.ones(B, bool)
         iters = np.zeros(B, np.int64)
         eye = xp.eye(n)
         for it in range(1, cfg.iterations + 1):
             if it > 1:  # re-select the moved points once per iteration; trials below keep this selection
-                sel = select(E, RC, T)
-            sbase, sbasis, smask = sel
-            uv, pc = slot_points(sel, E, RC, T)
+                uvc, pcc = candidates(E, RC, T)
+                sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
+            smask = sel[4]
+            uv = slot_points(sel, uvc)
             terms = prdl.gauss_newton_terms(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, tdesc, anchors,
                                             weights, target_valid=tvalid, xp=xp)
             total = xp.asarray(terms.residuals, xp.float64).reshape(B, -1)
             total = (total * total).sum(1) + prior_cost(E)
-            jac = slot_jacobian(xp, pc, T, RC, sbasis, cam, aff)  # (B, q*pm, 2, n)
+            # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
+            rep = sel[3]
+            pc_rep = pcc.reshape(-1, 3)[rep].reshape(B, q * pm, 3)
+            sbasis = basis_c[rep % C].reshape(B, q * pm, 3, n_e)
+            jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pm, 2, n)
             jtj, jtr = batched_normal_equations(jac.reshape(B * q, pm, 2, n).astype(xp.float32), terms, B,
                                                 mean_anchor_stride=cfg.mean_anchor_stride)
             jtj, jtr = jtj.astype(xp.float64), jtr.astype(xp.float64)
@@ -494,7 +499,7 @@ class PrdlRefiner:
                 RCn = batched_rodrigues(xp, delta[:, :3]) @ RC
                 Tn = T + delta[:, 3:6]
                 En = xp.where(free, xp.clip(E + delta[:, 6:], 0.0, 1.0), E)
-                uvn, _ = slot_points(sel, En, RCn, Tn)
+                uvn = slot_points(sel, candidates(En, RCn, Tn)[0])
                 ok = pending & (prdl_residual_loss(uvn, smask) + prior_cost(En) < total)
                 RC = xp.where(ok[:, None, None], RCn, RC)
                 T = xp.where(ok[:, None], Tn, T)
@@ -507,10 +512,10 @@ class PrdlRefiner:
             alive = alive & ~pending  # a face with no improving step is done
             if not bool(alive.any()):
                 break
-        sel = select(E, RC, T)
-        uv, _ = slot_points(sel, E, RC, T)
-        loss_after = prdl_residual_loss(uv, sel[2])
-        used = _host((tvalid & sel[2].any(1)).reshape(B, q))
+        uvc, _ = candidates(E, RC, T)
+        sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
+        loss_after = prdl_residual_loss(slot_points(sel, uvc), sel[4])
+        used = _host((tvalid & sel[4].any(1)).reshape(B, q))
         worse = loss_after > loss_before  # re-selection can cost a little: never return worse than the start
         RC = xp.where(worse[:, None, None], rc0, RC)
         T = xp.where(worse[:, None], t0, T)
@@ -550,76 +555,81 @@ def anchor_grids(n: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def cell_centroids(xy: np.ndarray, part: np.ndarray, cells: np.ndarray, n_parts: int, pmax: int):
-    """Centroids of the occupied cells of each part's grid (cell size ``cells[part]``, origin 0).
+    """Centroids of the occupied cells of each part's grid (cell size ``cells[part]``, origin 0), for points
+    with non-negative coordinates (crop units).
 
     Returns (points (n_parts, pmax, 2), mask (n_parts, pmax), cells (n_parts,)); a part with more than ``pmax``
-    occupied cells gets a coarser cell (returned in ``cells``)."""
+    occupied cells gets a coarser cell (returned in ``cells``). Dense per-part grids and bincounts, no sort."""
     cells = np.asarray(cells, np.float64).copy()
     while True:
-        g = np.floor(xy / cells[part][:, None]).astype(np.int64)
-        key = (part * 4096 + g[:, 1] + 2048) * 4096 + g[:, 0] + 2048
-        uk, inv = np.unique(key, return_inverse=True)
-        gpart = uk // (4096 * 4096)
-        cnt = np.bincount(gpart, minlength=n_parts)
-        over = cnt > pmax
+        c = cells[part]
+        gx = (xy[:, 0] / c).astype(np.int64)
+        gy = (xy[:, 1] / c).astype(np.int64)
+        G = int(max(gx.max(initial=0), gy.max(initial=0))) + 1
+        key = (part * G + gy) * G + gx
+        nb = n_parts * G * G
+        cnt = np.bincount(key, minlength=nb)
+        occ = np.nonzero(cnt)[0]
+        gpart = occ // (G * G)
+        per = np.bincount(gpart, minlength=n_parts)
+        over = per > pmax
         if not over.any():
             break
-        cells[over] *= np.sqrt(cnt[over] / pmax) * 1.05
-    w = np.bincount(inv)
-    cx = np.bincount(inv, xy[:, 0]) / w
-    cy = np.bincount(inv, xy[:, 1]) / w
-    rank = np.arange(len(uk)) - (np.cumsum(cnt) - cnt)[gpart]
+        cells[over] *= np.sqrt(per[over] / pmax) * 1.05
+    sx = np.bincount(key, xy[:, 0], minlength=nb)[occ]
+    sy = np.bincount(key, xy[:, 1], minlength=nb)[occ]
+    n = cnt[occ]
+    rank = np.arange(len(occ)) - (np.cumsum(per) - per)[gpart]
     pts = np.zeros((n_parts, pmax, 2))
     mask = np.zeros((n_parts, pmax), bool)
-    pts[gpart, rank] = np.column_stack([cx, cy])
+    pts[gpart, rank] = np.column_stack([sx / n, sy / n])
     mask[gpart, rank] = True
     return pts, mask, cells
 
 
-def select_cells(xp, uv, visible, cand_part, cells, base, basis, q: int, pm: int):
-    """Batched cell-centroid selection of predicted points (the prediction's side of `cell_centroids`).
+def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
+    """Batched cell grouping of predicted points (the prediction's side of `cell_centroids`).
 
-    uv (B, C, 2) crop points of the candidates, visible (B, C), cand_part (C,), cells (B, q), base (B, C, 3)
-    model-space candidates, basis (C, 3 * n_e) their expression deltas. The candidates of each (face, part)
-    are grouped by grid cell; each group becomes one predicted point, the mean of its candidates, kept as a
-    fixed average of model points so that it moves smoothly with the parameters (membership is re-chosen
-    once per iteration). Returns slot bases (B, q*pm, 3), slot expression bases (B, q*pm, 3, n_e) and the
-    slot mask (B*q, pm). Groups beyond ``pm`` per part are dropped (the cell sizes are chosen so that this
-    does not happen in practice)."""
+    uv (B, C, 2) crop points of the candidates, visible (B, C), cand_part (C,), cells (B, q). The visible
+    candidates of each (face, part) are grouped by grid cell; each group is one predicted point, the mean of
+    its members. Returns (member (M,) flat candidate index b*C + c, slot (M,) flat slot (b*q + p)*pm + k,
+    count (B*q*pm,), rep (B*q*pm,) the member nearest its cell's centre (flat candidate index), slot mask
+    (B*q, pm)). Groups beyond ``pm`` per part are dropped (cell sizes are chosen so that this is rare).
+    Only sorts, cumulative sums and bincounts: the same code runs on NumPy and CuPy."""
     B, C, _ = uv.shape
-    K = 4096
+    K, H = 1024, 512
     cellc = cells[:, cand_part]  # (B, C)
-    gx = xp.floor(uv[..., 0] / cellc).astype(xp.int64)
-    gy = xp.floor(uv[..., 1] / cellc).astype(xp.int64)
-    ok = visible & (gx > -K // 2) & (gx < K // 2) & (gy > -K // 2) & (gy < K // 2)
+    fx = uv[..., 0] / cellc
+    fy = uv[..., 1] / cellc
+    gx = xp.floor(fx)
+    gy = xp.floor(fy)
+    ok = visible & (gx > -H) & (gx < H) & (gy > -H) & (gy < H)
+    dq = xp.minimum(((fx - gx - 0.5) ** 2 + (fy - gy - 0.5) ** 2) * 128.0, 63.0).astype(xp.int64)
     fp = xp.arange(B)[:, None] * q + cand_part[None, :]  # flat (face, part)
-    big = (B * q) * K * K
-    key = xp.where(ok, (fp * K + gy + K // 2) * K + gx + K // 2, big).reshape(-1)
+    cellkey = (fp * K + (gy.astype(xp.int64) + H)) * K + (gx.astype(xp.int64) + H)
+    big = (B * q) * K * K * 64
+    key = xp.where(ok, cellkey * 64 + dq, big).reshape(-1)
     order = xp.argsort(key)
-    sk = key[order]
     n_ok = int(ok.sum())
-    order, sk = order[:n_ok], sk[:n_ok]
+    order = order[:n_ok]
+    sk = key[order] // 64
     new = xp.ones(n_ok, bool)
     new[1:] = sk[1:] != sk[:-1]
     starts = xp.nonzero(new)[0]
-    ends = xp.concatenate([starts[1:], xp.asarray([n_ok])])
-    gpart = sk[starts] // (K * K)  # flat (face, part) of each group
+    gid = xp.cumsum(new) - 1
+    gpart = sk[starts] // (K * K)
     cnt = xp.bincount(gpart, minlength=B * q)
     rank = xp.arange(len(starts)) - (xp.cumsum(cnt) - cnt)[gpart]
-    keep = rank < pm
-    slot = (gpart * pm + rank)[keep]
-    cidx = order % C
-    bidx = order // C
-    vals = xp.concatenate([base[bidx, cidx], basis[cidx]], 1)  # (M, 3 + 3 n_e)
-    cs = xp.concatenate([xp.zeros((1, vals.shape[1])), xp.cumsum(vals, 0)])
-    sums = cs[ends] - cs[starts]
-    means = (sums / (ends - starts)[:, None])[keep]
-    out = xp.zeros((B * q * pm, vals.shape[1]))
-    out[slot] = means
-    smask = xp.zeros(B * q * pm, bool)
-    smask[slot] = True
-    n_e = (vals.shape[1] - 3) // 3
-    return (out[:, :3].reshape(B, q * pm, 3), out[:, 3:].reshape(B, q * pm, 3, n_e), smask.reshape(B * q, pm))
+    keep_g = rank < pm
+    slot_g = xp.where(keep_g, gpart * pm + rank, -1)
+    slot_m = slot_g[gid]
+    keep_m = slot_m >= 0
+    member, slot = order[keep_m], slot_m[keep_m]
+    S = B * q * pm
+    count = xp.bincount(slot, minlength=S)
+    rep = xp.zeros(S, xp.int64)
+    rep[slot_g[keep_g]] = order[starts[keep_g]]
+    return member, slot, count, rep, (count > 0).reshape(B * q, pm)
 
 
 def slot_jacobian(xp, pc, T, RC, sbasis, cam, aff):
