@@ -57,6 +57,9 @@ class RefineConfig:
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     candidates: int = 16  # candidate surface samples per target point (before visibility and cell grouping)
+    # min, max, mean descriptor weights: the paper weighs them equally; the nearest-point channel carries the
+    # part boundaries, the farthest-point one is set by single extreme points (noisy) -- measured on eval-prdl
+    channel_weights: tuple[float, float, float] = (3.0, 0.3, 1.0)
     refine_pose: bool = True  # False: expression only (pose held at the regressor's)
 
 
@@ -386,7 +389,9 @@ class PrdlRefiner:
         if B == 0:
             return []
         q, pm, n_e = self.n_parts, self.pmax, self.model.n_exp
-        n = 6 + n_e
+        fi_np = np.nonzero(~self.fixed_exp)[0]  # free expressions: the solver's unknowns after the pose
+        nf = len(fi_np)
+        n = 6 + nf
         # ---- host preparation
         bases, vis, aff, cam, e0, prior, prev, has_prev = [], [], [], [], [], [], [], []
         for pr in problems:
@@ -420,9 +425,11 @@ class PrdlRefiner:
         tvalid, cells = asx(tvalid), asx(cells)
         weights = asx(np.tile(np.asarray(cfg.part_weights, np.float32), B))
         free = asx(~self.fixed_exp)
+        chw = asx(np.asarray(cfg.channel_weights, np.float32))
         cand_part, exp_flat = asx(self.cand_part), asx(self.exp_flat)
         C = len(self.cand_part)
-        basis_c = asx(self.exp_basis_nk.reshape(C, -1))  # (C, 3 * 53)
+        fi = asx(fi_np)
+        basis_c = asx(np.ascontiguousarray(self.exp_basis_nk[:, :, fi_np]).reshape(C, -1))  # (C, 3 * nf)
         rc0, t0 = RC.copy(), T.copy()
 
         def project(Xs, RC_, T_):
@@ -449,7 +456,7 @@ class PrdlRefiner:
         def prdl_residual_loss(uv, smask):
             desc = prdl.part_descriptors(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, anchors, xp)
             used = tvalid & smask.any(1)
-            sw = xp.sqrt(weights * used / A)[:, None, None]
+            sw = xp.sqrt((weights * used / A)[:, None, None] * chw)
             r = (desc - tdesc) * sw
             return (r * r).reshape(B, -1).sum(1).astype(xp.float64)
 
@@ -472,23 +479,24 @@ class PrdlRefiner:
             smask = sel[4]
             uv = slot_points(sel, uvc)
             terms = prdl.gauss_newton_terms(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, tdesc, anchors,
-                                            weights, target_valid=tvalid, xp=xp)
+                                            weights, target_valid=tvalid, channel_weights=chw, xp=xp)
             total = xp.asarray(terms.residuals, xp.float64).reshape(B, -1)
             total = (total * total).sum(1) + prior_cost(E)
             # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
             rep = sel[3]
             pc_rep = pcc.reshape(-1, 3)[rep].reshape(B, q * pm, 3)
-            sbasis = basis_c[rep % C].reshape(B, q * pm, 3, n_e)
+            sbasis = basis_c[rep % C].reshape(B, q * pm, 3, nf)
             jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pm, 2, n)
             jtj, jtr = batched_normal_equations(jac.reshape(B * q, pm, 2, n).astype(xp.float32), terms, B,
                                                 mean_anchor_stride=cfg.mean_anchor_stride)
             jtj, jtr = jtj.astype(xp.float64), jtr.astype(xp.float64)
-            diag = (cfg.prior + tw) * free  # (B, 53)
-            jtr[:, 6:] += (cfg.prior * (E - P0) + tw * (E - Pv)) * free
+            Ef = E[:, fi]
+            diag = (cfg.prior + tw) * xp.ones((B, nf))
+            jtr[:, 6:] += cfg.prior * (Ef - P0[:, fi]) + tw * (Ef - Pv[:, fi])
             jtj[:, 6:, 6:] += diag[:, :, None] * eye[6:, 6:]
             act = xp.full((B, n), True)
             act[:, :6] = bool(cfg.refine_pose)
-            act[:, 6:] = free & ~(((E <= 0.0) & (jtr[:, 6:] > 0)) | ((E >= 1.0) & (jtr[:, 6:] < 0)))
+            act[:, 6:] = ~(((Ef <= 0.0) & (jtr[:, 6:] > 0)) | ((Ef >= 1.0) & (jtr[:, 6:] < 0)))
             actf = act.astype(xp.float64)
             hh = jtj * actf[:, :, None] * actf[:, None, :]
             hdiag = xp.diagonal(hh, axis1=1, axis2=2)
@@ -498,7 +506,8 @@ class PrdlRefiner:
                 delta = -xp.linalg.solve(h, (jtr * actf)[..., None])[..., 0]
                 RCn = batched_rodrigues(xp, delta[:, :3]) @ RC
                 Tn = T + delta[:, 3:6]
-                En = xp.where(free, xp.clip(E + delta[:, 6:], 0.0, 1.0), E)
+                En = E.copy()
+                En[:, fi] = xp.clip(Ef + delta[:, 6:], 0.0, 1.0)
                 uvn = slot_points(sel, candidates(En, RCn, Tn)[0])
                 ok = pending & (prdl_residual_loss(uvn, smask) + prior_cost(En) < total)
                 RC = xp.where(ok[:, None, None], RCn, RC)
