@@ -15,6 +15,7 @@ from engine.media import MediaSource
 from engine.tracker import TrackerConfig
 
 STILL_SECONDS = 1.0  # length of the resting window picked automatically
+REST_BAND_SIGMAS = 3.0  # resting jitter below this many robust standard deviations reads as 0
 
 
 @dataclass
@@ -68,9 +69,13 @@ def neutral_from(t: Tracked, window: tuple[int, int] | None = None) -> Neutral:
     ok = ~np.isnan(seg[:, 0])
     if ok.sum() < 3:
         raise ValueError("too few frames with a face in the resting segment")
+    # the rest level is the top of the resting band, median + 3 robust standard deviations (1.4826 MAD), so
+    # the jitter of a still face maps to 0 and a blink or two inside the window does not move it
     med = np.nanmedian(seg[ok], axis=0)
+    band = REST_BAND_SIGMAS * 1.4826 * np.nanmedian(np.abs(seg[ok] - med), axis=0)
+    rest = np.clip(med + band, 0.0, 1.0)
     euler = np.nanmedian(t.euler[a:b][ok], axis=0)
-    return Neutral({n: round(float(v), 4) for n, v in zip(ARKIT_NAMES, med)},
+    return Neutral({n: round(float(v), 4) for n, v in zip(ARKIT_NAMES, rest)},
                    tuple(round(float(v), 3) for v in euler), int(ok.sum()))
 
 
