@@ -167,7 +167,7 @@ class Renderer:
             ctx.color_mask = (True, True, True, True)
             ctx.polygon_offset = (0.0, 0.0)
             self.mesh_prog["flat_colour"].value = 1
-            self.mesh_prog["opacity"].value = 0.8
+            self.mesh_prog["opacity"].value = 0.45
             self.edge_vao.render(mgl.LINES)
         else:
             self.mesh_prog["flat_colour"].value = 0
