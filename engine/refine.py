@@ -242,31 +242,39 @@ def surface_candidates(model: FaceModel, budget: int) -> tuple[np.ndarray, np.nd
             np.concatenate(all_part).astype(np.int64))
 
 
-def splat_visibility(occ_uv: np.ndarray, occ_z: np.ndarray, uv: np.ndarray, z: np.ndarray, cell: float,
-                     size: float, tol: float = 0.5) -> np.ndarray:
-    """(N,) bool: points (uv, depth z) not hidden by a surface given as vertices (occ_uv, occ_z).
+def splat_visibility(xp, occ_uv, occ_z, uv, z, cell, size: float, tol):
+    """(B, N) bool: points (uv (B, N, 2), depth z (B, N)) not hidden by a surface given as vertices
+    (occ_uv (B, V, 2), occ_z (B, V)), per face.
 
-    The occluders splat their depth into a grid of ``cell``-sized cells over [0, size]^2 (nearest depth
-    per cell); a point is visible when it lies in the grid and its depth is within ``tol`` of its cell's
-    nearest depth (or the cell is empty). ``cell`` should be about the occluders' vertex spacing.
-    """
-    g = max(int(np.ceil(size / cell)), 1)
+    The occluders splat their depth into a grid of ``cell`` (B,)-sized cells over [0, size]^2 (nearest depth
+    per cell); a point is visible when it lies in the grid and its depth is within ``tol`` (scalar or (N,)) of
+    its cell's nearest depth (or the cell is empty). ``cell`` should be about the occluders' vertex spacing.
+    One integer sort for all faces (cell, then quantised depth); runs on NumPy and CuPy."""
+    B = occ_uv.shape[0]
+    G = int(np.ceil(size / float(cell.min()))) + 1
+    cellb = cell[:, None]
 
     def cells(q):
-        gx = np.floor(q[:, 0] / cell)
-        gy = np.floor(q[:, 1] / cell)
-        ok = (gx >= 0) & (gx < g) & (gy >= 0) & (gy < g)
-        return ok, (np.where(ok, gy, 0) * g + np.where(ok, gx, 0)).astype(np.int64)
+        gx = xp.floor(q[..., 0] / cellb)
+        gy = xp.floor(q[..., 1] / cellb)
+        ok = (gx >= 0) & (gx < G) & (gy >= 0) & (gy < G)
+        key = (xp.arange(B)[:, None] * G + xp.where(ok, gy, 0).astype(xp.int64)) * G + xp.where(ok, gx, 0).astype(xp.int64)
+        return ok, key
 
-    ok_o, c_o = cells(occ_uv)
-    zb = np.full(g * g, np.inf)
-    order = np.lexsort((occ_z[ok_o], c_o[ok_o]))  # by cell, then depth: the first of each cell is nearest
-    co = c_o[ok_o][order]
-    first = np.ones(len(co), bool)
-    first[1:] = co[1:] != co[:-1]
-    zb[co[first]] = occ_z[ok_o][order][first]
-    ok, c = cells(uv)
-    return ok & (z <= zb[c] + tol)
+    ok_o, k_o = cells(occ_uv)
+    ok_o &= xp.isfinite(occ_z)
+    zmin = float(xp.where(ok_o, occ_z, xp.inf).min()) if bool(ok_o.any()) else 0.0
+    zq = xp.clip((occ_z - zmin) * 4096.0, 0, (1 << 30) - 1).astype(xp.int64)  # 1/4096 cm steps
+    key = xp.where(ok_o, k_o * (1 << 30) + zq, B * G * G * (1 << 30)).reshape(-1)
+    order = xp.argsort(key, kind="stable")
+    sk = key[order] >> 30
+    first = xp.ones(sk.shape[0], bool)
+    first[1:] = sk[1:] != sk[:-1]
+    first &= sk < B * G * G
+    zb = xp.full(B * G * G, xp.inf)
+    zb[sk[first]] = occ_z.reshape(-1)[order[first]]
+    ok, k = cells(uv)
+    return ok & (z <= zb[k] + tol)
 
 
 class PrdlRefiner:
@@ -295,6 +303,7 @@ class PrdlRefiner:
         # float32 distance statistics: half the memory traffic of float64, ~1e-3 unit error (prdl.py)
         self.anchors_unit = prdl.anchor_grid(cfg.anchors, (0.0, 0.0, CROP_UNITS, CROP_UNITS), dtype=np.float32)
         self._id_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        self._dev: dict[str, dict] = {}
         # depth tolerance of the visibility test (cm): eye-opening samples must not lie behind a lid that has
         # come down in front of them (closing lids overlap in depth more than in the image)
         eye_parts = [names.index(p) for p in ("left_eye", "right_eye")]
@@ -356,19 +365,18 @@ class PrdlRefiner:
             self._id_cache[key] = hit
         return hit
 
-    def visibility(self, rc, t, identity, expression, camera: Camera, m, b) -> np.ndarray:
-        """Which candidate points the camera sees: each candidate's depth against a point-splat z-buffer of
-        the face surface's vertices (eyeballs left out: the eye candidates lie on the opening itself)."""
-        base, face_base = self._identity_bases(identity)
-        e = np.asarray(expression, np.float64)
-        face = face_base + (e @ self.face_exp).reshape(-1, 3)
-        verts = face @ rc.T + t
-        uv = camera.project(verts) @ m.T + b
-        pc = (base + (e @ self.exp_flat).reshape(-1, 3)) @ rc.T + t
-        cuv = camera.project(pc) @ m.T + b
-        px_per_cm = np.linalg.norm(m[:, 0]) * camera.fx / max(t[2], 1e-3)
-        cell = max(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
-        return splat_visibility(uv, verts[:, 2], cuv, pc[:, 2], cell, CROP_UNITS, tol=self.vis_tol)
+    def _device_arrays(self, xp) -> dict:
+        """The refiner's constant arrays on ``xp`` (uploaded once per array module)."""
+        key = xp.__name__
+        if key not in self._dev:
+            free = np.nonzero(~self.fixed_exp)[0]
+            C = len(self.cand_part)
+            host = {"cand_part": self.cand_part, "exp_flat": self.exp_flat, "free_idx": free,
+                    "basis_free": np.ascontiguousarray(self.exp_basis_nk[:, :, free]).reshape(C, -1),
+                    "neutral": self.neutral, "id_flat": self.id_flat, "face_neutral": self.face_neutral,
+                    "face_id_flat": self.face_id_flat, "face_exp": self.face_exp, "vis_tol": self.vis_tol}
+            self._dev[key] = {k: xp.asarray(v) for k, v in host.items()}
+        return self._dev[key]
 
     # ------------------------------------------------------------------ refinement
     def refine(self, targets: Targets, camera: Camera, rotation_cam: np.ndarray, translation: np.ndarray,
@@ -389,31 +397,25 @@ class PrdlRefiner:
         if B == 0:
             return []
         q, pm, n_e = self.n_parts, self.pmax, self.model.n_exp
-        fi_np = np.nonzero(~self.fixed_exp)[0]  # free expressions: the solver's unknowns after the pose
-        nf = len(fi_np)
-        n = 6 + nf
-        # ---- host preparation
-        bases, vis, aff, cam, e0, prior, prev, has_prev = [], [], [], [], [], [], [], []
+        # ---- host side: a few small arrays per face (targets are prepared by `targets`)
+        aff, cam, e0, prior, prev, has_prev, idents = [], [], [], [], [], [], []
         for pr in problems:
             m, b = self._crop_affine(pr.targets.masks)
             e = np.clip(np.asarray(pr.expression, np.float64), 0.0, 1.0)
-            bases.append(self._identity_bases(pr.identity)[0])
-            vis.append(self.visibility(pr.rotation_cam, np.asarray(pr.translation, np.float64), pr.identity, e,
-                                       pr.camera, m, b))
             aff.append(np.concatenate([m.reshape(-1), b]))
             cam.append([pr.camera.fx, pr.camera.fy, pr.camera.cx, pr.camera.cy])
             e0.append(e)
             prior.append(e if pr.exp_prior is None else np.asarray(pr.exp_prior, np.float64))
             prev.append(np.zeros(n_e) if pr.exp_prev is None else np.asarray(pr.exp_prev, np.float64))
             has_prev.append(pr.exp_prev is not None)
+            idents.append(np.asarray(pr.identity, np.float64))
         A = max(int(pr.targets.anchors.shape[-2]) for pr in problems)
         anchors = np.stack([np.broadcast_to(pr.targets.anchors, (q, A, 2)) for pr in problems]).reshape(B * q, A, 2)
         tdesc = np.stack([pr.targets.desc for pr in problems]).reshape(B * q, A, 3)
         tvalid = np.stack([pr.targets.valid for pr in problems]).reshape(-1)
         cells = np.stack([pr.targets.cells for pr in problems])
         asx = xp.asarray
-        base = asx(np.stack(bases))  # (B, C, 3)
-        visible = asx(np.stack(vis))
+        dev = self._device_arrays(xp)
         aff = asx(np.array(aff))
         cam = asx(np.array(cam, np.float64))
         E = asx(np.array(e0))
@@ -426,10 +428,18 @@ class PrdlRefiner:
         weights = asx(np.tile(np.asarray(cfg.part_weights, np.float32), B))
         free = asx(~self.fixed_exp)
         chw = asx(np.asarray(cfg.channel_weights, np.float32))
-        cand_part, exp_flat = asx(self.cand_part), asx(self.exp_flat)
+        cand_part, exp_flat, basis_c = dev["cand_part"], dev["exp_flat"], dev["basis_free"]
         C = len(self.cand_part)
-        fi = asx(fi_np)
-        basis_c = asx(np.ascontiguousarray(self.exp_basis_nk[:, :, fi_np]).reshape(C, -1))  # (C, 3 * nf)
+        fi = dev["free_idx"]
+        nf = int(fi.shape[0])
+        n = 6 + nf
+        # identity-dependent shapes (cached on the host while tracking one person), then visibility
+        if xp is np and B == 1:
+            base, face_base = (a[None] for a in self._identity_bases(idents[0]))
+        else:
+            ident = asx(np.stack(idents))
+            base = dev["neutral"] + (ident @ dev["id_flat"]).reshape(B, C, 3)
+            face_base = dev["face_neutral"] + (ident @ dev["face_id_flat"]).reshape(B, -1, 3)
         rc0, t0 = RC.copy(), T.copy()
 
         def project(Xs, RC_, T_):
@@ -466,6 +476,11 @@ class PrdlRefiner:
             return cfg.prior * (d * d).sum(1) + (tw[:, 0] * (dp * dp).sum(1))
 
         uvc, pcc = candidates(E, RC, T)
+        # visibility, once per call: each candidate's depth against a point-splat z-buffer of the face surface
+        face_uv, face_pc = project(face_base + (E @ dev["face_exp"]).reshape(face_base.shape), RC, T)
+        px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
+        splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
+        visible = splat_visibility(xp, face_uv, face_pc[..., 2], uvc, pcc[..., 2], splat, CROP_UNITS, dev["vis_tol"])
         sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
         loss_before = prdl_residual_loss(slot_points(sel, uvc), sel[4])
         lam = xp.full(B, cfg.damping)
@@ -613,15 +628,15 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     gx = xp.floor(fx)
     gy = xp.floor(fy)
     ok = visible & (gx > -H) & (gx < H) & (gy > -H) & (gy < H)
-    dq = xp.minimum(((fx - gx - 0.5) ** 2 + (fy - gy - 0.5) ** 2) * 128.0, 63.0).astype(xp.int64)
+    dq = xp.minimum(((fx - gx - 0.5) ** 2 + (fy - gy - 0.5) ** 2) * 2048.0, 1023.0).astype(xp.int64)
     fp = xp.arange(B)[:, None] * q + cand_part[None, :]  # flat (face, part)
     cellkey = (fp * K + (gy.astype(xp.int64) + H)) * K + (gx.astype(xp.int64) + H)
-    big = (B * q) * K * K * 64
-    key = xp.where(ok, cellkey * 64 + dq, big).reshape(-1)
-    order = xp.argsort(key)
+    big = (B * q) * K * K * 1024
+    key = xp.where(ok, cellkey * 1024 + dq, big).reshape(-1)
+    order = xp.argsort(key, kind="stable")  # ties: lowest candidate index, the same in any batch
     n_ok = int(ok.sum())
     order = order[:n_ok]
-    sk = key[order] // 64
+    sk = key[order] // 1024
     new = xp.ones(n_ok, bool)
     new[1:] = sk[1:] != sk[:-1]
     starts = xp.nonzero(new)[0]
