@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.capture import Tracked, neutral_from, ranges_from, stillest_window
-from calibration.profile import Profile
+from calibration.capture import Tracked, neutral_from, ranges_from, shape_distance, stillest_window
+from calibration.profile import Identity, Profile
 
-CAPTURES = ("neutral", "ranges")
+CAPTURES = ("neutral", "ranges", "identity")
 MIN_FRAMES = 5
 
 
@@ -39,6 +39,17 @@ def _tracked(states, fps: float) -> Tracked:
                    np.array([s.identity for s in faces]), fps)
 
 
+def start_identity(tracker) -> None:
+    """Re-calibrate the identity: the tracker estimates it again over its next near-frontal frames."""
+    tracker.identity_samples = 0
+
+
+def capture_done(session, cap, elapsed: float) -> bool:
+    if cap.what == "identity":  # done when the tracker holds a new estimate; `seconds` is the time limit
+        return session.tracker.identity_locked and len(cap.states) >= MIN_FRAMES
+    return elapsed >= cap.seconds
+
+
 def finish_capture(session, cap) -> dict:
     """Summarise a finished capture into the session's profile; returns the stored values."""
     fps = len(cap.states) / max(cap.seconds, 1e-3)
@@ -49,6 +60,12 @@ def finish_capture(session, cap) -> dict:
         profile.neutral = neutral_from(t, window)
         result = {"blendshapes": profile.neutral.blendshapes, "head_euler_deg": profile.neutral.head_euler_deg,
                   "frames": profile.neutral.frames}
+    elif cap.what == "identity":
+        final = session.tracker.identity.copy()
+        model = session.tracker.model
+        spread = float(np.sqrt(np.mean([shape_distance(model, f, final) ** 2 for f in t.identity])))
+        profile.identity = Identity([float(c) for c in final], len(t.identity), round(spread, 4))
+        result = {"frames": profile.identity.frames, "spread_cm": profile.identity.spread}
     else:
         profile.ranges = ranges_from(t, profile.neutral)
         result = {"maximum": profile.ranges.maximum, "gamma": profile.ranges.gamma, "frames": profile.ranges.frames}

@@ -24,6 +24,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from engine.messages import build_message
+from stream.calibrate import CAPTURES, capture_done, detach_profile, finish_capture, reattach_profile, start_identity
 from engine.render import STYLES
 from stream.metrics import Rate, Samples, StageTimes
 
@@ -300,32 +301,34 @@ class Session:
     # ------------------------------------------------------------------ calibration
     async def calibrate(self, what: str, seconds: float = 2.0) -> dict:
         """Capture `seconds` of this session's video and fold the result into its profile (neutral: the
-        resting face; ranges: the user's full expressions). Returns what was stored."""
-        from stream.calibrate import CAPTURES
-
+        resting face; ranges: the user's full expressions; identity: a new multi-frame identity estimate,
+        `seconds` being its time limit). Returns what was stored."""
         if what not in CAPTURES:
             raise ValueError(f"unknown calibration {what!r}; choose one of {', '.join(CAPTURES)}")
         if not 0.5 <= seconds <= 30.0:
             raise ValueError("calibration capture must last 0.5 to 30 seconds")
+        if what == "identity":
+            seconds = max(seconds, 10.0)  # a limit: it ends when enough near-frontal frames were seen
         if self.capture is not None:
             raise RuntimeError(f"a {self.capture.what} calibration is already running")
-        from stream.calibrate import detach_profile, reattach_profile
-
         fut = asyncio.get_running_loop().create_future()
         self.capture = Capture(what, seconds, fut, profile=detach_profile(self.tracker))  # raw values needed
+        if what == "identity":
+            start_identity(self.tracker)
         try:
             return await asyncio.wait_for(fut, seconds + 15.0)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"{what} calibration did not finish in {seconds + 15.0:g} s "
+                               "(too few frames with a face, or not near-frontal)") from None
         finally:
             reattach_profile(self.tracker, self.capture.profile)
             self.capture = None
 
     def _capture_step(self, state) -> None:
-        from stream.calibrate import finish_capture
-
         cap = self.capture
         if state.ts_capture >= cap.started_ms:  # frames tracked before the profile was detached are skipped
             cap.states.append(state)
-        if time.monotonic() - cap.started >= cap.seconds and not cap.future.done():
+        if capture_done(self, cap, time.monotonic() - cap.started) and not cap.future.done():
             try:
                 cap.future.set_result(finish_capture(self, cap))
             except Exception as exc:

@@ -99,6 +99,15 @@ def test_neutral_calibration_profile_over_http(live):
     assert status == 400 and "session goes on" in body["error"]
 
 
+def test_identity_recalibration_and_calibration_errors(live):
+    status, body = live["during"]["identity"]
+    assert status == 200, body
+    assert body["result"]["frames"] >= 5 and 0 <= body["result"]["spread_cm"] < 1.0
+    status, body = live["during"]["unknown_calibration"]
+    assert status == 400 and "unknown calibration 'teeth'" in body["error"]
+    assert live["during"]["no_session"][0] == 404
+
+
 def test_sessions_cleaned_up(live):
     assert live["sessions_after_close"] == 0
     assert live["vanish"]["status"] == 200 and live["vanish"]["sessions_right_after"] == 1

@@ -198,7 +198,7 @@ function stop() {
 }
 
 function enableSessionButtons(on) {
-  for (const id of ["cal-neutral", "cal-ranges", "save-profile", "load-profile"]) $(id).disabled = !on;
+  for (const id of ["cal-neutral", "cal-ranges", "cal-identity", "save-profile", "load-profile"]) $(id).disabled = !on;
 }
 
 function currentOptions() {
@@ -259,6 +259,7 @@ $("download").onclick = () => download(`facestream-${state.session || "session"}
   state.recorded.join("\n") + "\n", "application/x-ndjson");
 $("cal-neutral").onclick = () => calibrate("neutral", 2, "relax your face and look at the camera");
 $("cal-ranges").onclick = () => calibrate("ranges", 6, "blink, smile wide, open your jaw, raise and lower your brows");
+$("cal-identity").onclick = () => calibrate("identity", 10, "look at the camera");
 $("save-profile").onclick = saveProfile;
 $("load-profile").onchange = loadProfile;
 setInterval(() => { if (!state.drawPending) { state.drawPending = true; requestAnimationFrame(draw); } }, 500);

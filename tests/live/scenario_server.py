@@ -151,9 +151,13 @@ async def main(out: Path) -> None:
                 during["bad_profile_put"] = (r.status, await r.json())
             async with http.get(f"{base}/metrics") as r:
                 during["metrics_after_calibration"] = await r.json()
+            during["identity"] = await post(http, f"{base}/sessions/{result.session}/calibrate/identity",
+                                            json={"seconds": 10})
+            during["unknown_calibration"] = await post(http, f"{base}/sessions/{result.session}/calibrate/teeth")
+            during["no_session"] = await post(http, f"{base}/sessions/nope/calibrate/neutral")
 
         a, b = await asyncio.gather(
-            run_client(base, d3, 7.0, receive_video=True, on_open=a_steps),
+            run_client(base, d3, 7.0, receive_video=True, on_open=a_steps),  # runs on until a_steps ends
             run_client(base, d0, 7.0, receive_video=False))
         await asyncio.sleep(1.0)
         res["sessions_after_close"] = len(server.sessions)
