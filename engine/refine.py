@@ -6,12 +6,22 @@ the same frame, measured with PRDL's anchor descriptors (min / max / mean distan
 to each part's points). A prior keeps the answer near the regressor's and the previous frame's; identity
 is held. Geometry on arrays only: no network code, no torch.
 
-Point sets: a part's target pixels and its visible re-projected points are both thinned with the same
-grid (one point per cell, the one nearest the cell centre), so the two sets have the same density and the
-descriptors agree at the true answer (fixed vertex subsets follow the mesh's uneven vertex density, which
-biases f_mean and the optimum). Eyes are represented by points blended between paired upper- and
-lower-lid landmarks: an eyeball's own vertices do not move when the lids close (only their visibility
-changes, which has no gradient).
+Point sets (so that the loss is lowest at the true answer): the prediction of a part is a fixed set of
+surface samples -- centroids of the sub-triangles of every triangle carrying the part's label, the label
+the rasteriser gives the triangle -- kept when visible (a splat z-buffer of the face surface). Eyes are
+samples blended between the upper and lower lid edges (the vertex ring around the face surface's eye hole):
+an eyeball's own vertices do not move when the lids close, only their visibility changes, which has no
+gradient. Targets and predictions are reduced the same way: each part's points are grouped on a square
+grid (cell chosen for about ``points`` cells per part) and every occupied cell gives one point, the mean of
+its members -- pixel squares (2 x 2 samples per pixel) for targets, surface samples for predictions -- so
+both are box-filtered pictures of their regions with the same density. A predicted cell mean is a fixed
+average of model points within an iteration, so it moves smoothly with the parameters; its Jacobian is that
+of the member nearest the cell centre.
+
+Batching: `PrdlRefiner.refine_batch` runs the whole solve for many faces at once on an array module
+(NumPy, or CuPy on a GPU): visibility, cell grouping (one stable sort for all faces), the stacked PRDL
+descriptors, per-face Gauss-Newton matrices and batched LM solves. `refine` is a batch of one. Timing:
+``python -m engine.refine --bench-batch 64``.
 
 Units: crop coordinates scaled so that the part-mask crop is 100 units wide, whatever its pixel size, so
 the prior weights mean the same at any resolution.
@@ -25,7 +35,7 @@ import numpy as np
 
 from engine import prdl
 from engine.face_model import FaceModel
-from engine.geometry import Camera, rodrigues
+from engine.geometry import Camera
 from engine.raster import face_labels
 
 CROP_UNITS = 100.0
@@ -81,29 +91,6 @@ class Targets:
     cells: np.ndarray  # (8,) thinning grid cell per part, crop units
     anchors: np.ndarray  # (8, A, 2) per-part grids or (A, 2) one grid, crop units
     masks: PartMasks
-
-
-def grid_thin(points: np.ndarray, cell: float) -> np.ndarray:
-    """Indices of one point per occupied grid cell: the point nearest the cell's centre."""
-    if len(points) == 0:
-        return np.zeros(0, np.int64)
-    g = np.floor(points / cell)
-    key = g[:, 0] * 1_000_003.0 + g[:, 1]
-    off = points - (g + 0.5) * cell
-    d = (off * off).sum(1)
-    order = np.lexsort((d, key))
-    first = np.ones(len(order), bool)
-    first[1:] = key[order][1:] != key[order][:-1]
-    return order[first]
-
-
-def thin_to(points: np.ndarray, cell: float, pmax: int) -> np.ndarray:
-    idx = grid_thin(points, cell)
-    while len(idx) > pmax:  # rare: a part larger than its target; coarsen until it fits
-        cell *= np.sqrt(len(idx) / pmax) * 1.05
-        idx = grid_thin(points, cell)
-    return idx
-
 
 
 def face_boundary_loops(faces: np.ndarray, n_vertices: int) -> list[np.ndarray]:
@@ -723,3 +710,92 @@ def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_str
     jm = xp.matmul(c.reshape(parts, a.shape[1], 2 * pm), gk).reshape(B, -1, n)
     jtj = jtj + float(s) * xp.matmul(jm.transpose(0, 2, 1), jm)
     return 0.5 * (jtj + jtj.transpose(0, 2, 1)), jtr
+
+
+# ------------------------------------------------------------------ benchmark: python -m engine.refine --bench-batch 64
+
+def synthetic_problems(refiner: PrdlRefiner, n: int, seed: int = 0) -> list[RefineProblem]:
+    """``n`` refinement problems on synthetic faces (engine.synthetic): ground-truth part masks rendered from
+    the mesh, a degraded expression and a slightly wrong pose to start from."""
+    from engine.eval_prdl import LabelCrop, render_part_labels
+    from engine.synthetic import CASES, sample_face
+
+    model = refiner.model
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        face = sample_face(model, CASES[i % len(CASES)], rng)
+        gt = render_part_labels(model, face, face.rotation_cam, face.translation, face.expression)
+        targets = refiner.targets(LabelCrop.around_face(gt))
+        out.append(RefineProblem(targets, face.camera, face.rotation_cam_start, face.translation_start,
+                                 face.perturbed, face.identity, exp_prior=face.perturbed))
+    return out
+
+
+def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
+    """Median milliseconds of one `refine_batch` call over ``n_faces`` synthetic faces, with NumPy and (when
+    CuPy and a CUDA device are present) CuPy. Targets are prepared beforehand (they come with the masks)."""
+    import time
+
+    from engine.gaze import ICT_EYE_LOOK
+
+    model = FaceModel.load()
+    fixed = np.zeros(model.n_exp, bool)
+    fixed[list(ICT_EYE_LOOK.values())] = True
+    refiner = PrdlRefiner(model, fixed_exp=fixed)
+    problems = synthetic_problems(refiner, n_faces, seed)
+    modules = [("numpy", np, lambda: None)]
+    if prdl.cupy_available():
+        import cupy
+
+        try:
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                modules.append(("cupy", cupy, lambda: cupy.cuda.Stream.null.synchronize()))
+        except Exception:  # noqa: BLE001 - no CUDA driver / device
+            pass
+    rows = []
+    ref_results = None
+    for name, xp, sync in modules:
+        res = refiner.refine_batch(problems, xp=xp)  # warm-up (uploads constants, compiles kernels)
+        sync()
+        ts = []
+        for _ in range(reps if name != "numpy" else max(1, min(reps, 3))):
+            t0 = time.perf_counter()
+            res = refiner.refine_batch(problems, xp=xp)
+            sync()
+            ts.append(time.perf_counter() - t0)
+        row = {"module": name, "faces": n_faces, "ms_per_batch": 1e3 * float(np.median(ts)),
+               "ms_per_face": 1e3 * float(np.median(ts)) / n_faces}
+        if ref_results is None:
+            ref_results = res
+        else:
+            row["max_abs_expression_diff_vs_numpy"] = float(max(np.abs(a.expression - b.expression).max()
+                                                                for a, b in zip(res, ref_results)))
+        rows.append(row)
+    return rows
+
+
+def _main(argv=None) -> int:  # pragma: no cover - command line
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m engine.refine", description=__doc__.splitlines()[0])
+    ap.add_argument("--bench-batch", type=int, default=64, metavar="N", help="faces per batch (default 64)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = bench_batch(args.bench_batch, args.reps)
+    for r in rows:
+        extra = (f", max |expression diff| vs numpy {r['max_abs_expression_diff_vs_numpy']:.2e}"
+                 if "max_abs_expression_diff_vs_numpy" in r else "")
+        print(f"{r['module']:<6} batched refinement of {r['faces']} faces: {r['ms_per_batch']:.2f} ms per batch "
+              f"({r['ms_per_face']:.3f} ms per face){extra}")
+    if not any(r["module"] == "cupy" for r in rows):
+        print("cupy   not run: " + ("CuPy is not installed" if not prdl.cupy_available() else "no CUDA device"))
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

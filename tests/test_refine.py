@@ -4,13 +4,58 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.refine import RefineConfig, grid_thin
+from engine.refine import RefineConfig, cell_centroids, select_cells, splat_visibility
 
 
-def test_grid_thin_keeps_one_point_per_cell_nearest_the_centre():
-    pts = np.array([[0.1, 0.1], [0.5, 0.5], [0.9, 0.2], [1.5, 0.5], [1.2, 1.9]])
-    kept = set(grid_thin(pts, 1.0).tolist())
-    assert kept == {1, 3, 4}
+def test_target_and_prediction_cells_agree():
+    """The same points grouped on the target side (dense grid) and the prediction side (sort, batched) give
+    the same cell means, in the same slots."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(1.0, 60.0, (400, 2))
+    part = rng.integers(0, 3, 400)
+    cells = np.array([3.0, 5.0, 7.5])
+    pts, mask, cells_out = cell_centroids(xy, part, cells, 3, 160)
+    assert np.array_equal(cells_out, cells)
+    # one face, every candidate visible
+    member, slot, count, rep, smask = select_cells(np, xy[None], np.ones((1, 400), bool), part, cells[None], 3, 160)
+    assert np.array_equal(smask, mask)
+    x = np.bincount(slot, xy[member, 0], minlength=3 * 160) / np.maximum(count, 1)
+    y = np.bincount(slot, xy[member, 1], minlength=3 * 160) / np.maximum(count, 1)
+    assert np.allclose(np.stack([x, y], -1).reshape(3, 160, 2)[mask], pts[mask])
+    # brute force: each occupied cell's mean, cells in row-major order per part
+    for p in range(3):
+        g = np.floor(xy[part == p] / cells[p]).astype(int)
+        keys = sorted(set(map(tuple, g[:, ::-1])))
+        assert mask[p].sum() == len(keys)
+        for k, (gy, gx) in enumerate(keys):
+            sel = (g[:, 0] == gx) & (g[:, 1] == gy)
+            assert np.allclose(pts[p, k], xy[part == p][sel].mean(0))
+    # the representative of a cell is its member nearest the cell centre
+    flat_rep = rep.reshape(3, 160)[mask]
+    slots = np.nonzero(mask.reshape(-1))[0]
+    for s_, r in zip(slots, flat_rep):
+        members = member[slot == s_]
+        c = (np.floor(xy[members[0]] / cells[part[members[0]]]) + 0.5) * cells[part[members[0]]]
+        d = ((xy[members] - c) ** 2).sum(1)
+        assert d[list(members).index(r)] <= d.min() + 1e-3 * cells.max() ** 2
+
+
+def test_cell_centroids_coarsen_to_fit():
+    xy = np.random.default_rng(1).uniform(0, 50, (2000, 2))
+    pts, mask, cells = cell_centroids(xy, np.zeros(2000, int), np.array([1.0]), 1, 40)
+    assert mask.sum() <= 40 and cells[0] > 1.0
+
+
+def test_splat_visibility_hides_points_behind_a_surface_per_face():
+    gy, gx = np.mgrid[0:20, 0:20]
+    wall = np.stack([gx.ravel() + 0.5, gy.ravel() + 0.5], 1).astype(float)  # occluders over [0, 20]^2
+    pts = np.array([[5.2, 5.3], [5.2, 5.3], [30.0, 30.0], [-1.0, 3.0]])
+    occ_uv = np.stack([wall, wall])
+    occ_z = np.stack([np.full(len(wall), 10.0), np.full(len(wall), 50.0)])  # face 1: the wall is far away
+    z = np.array([[10.2, 12.0, 40.0, 1.0], [10.2, 12.0, 40.0, 1.0]])
+    vis = splat_visibility(np, occ_uv, occ_z, np.stack([pts, pts]), z, np.array([1.0, 1.0]), 40.0, 0.5)
+    assert vis[0].tolist() == [True, False, True, False]  # on the wall / behind it / empty cell / off the grid
+    assert vis[1].tolist() == [True, True, True, False]
 
 
 @pytest.fixture(scope="module")
