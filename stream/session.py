@@ -39,6 +39,7 @@ class Limits:
     max_height: int = 720
     max_fps: float = 30.0  # frames beyond this rate are dropped before tracking
     no_video_timeout_s: float = 30.0  # a session that never delivers a frame is closed
+    stall_timeout_s: float = 10.0  # ... and one whose video stops (a client that vanished without a goodbye)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Session:
         self._render_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._last_start = 0.0
+        self._last_frame_at = time.perf_counter()
 
     # ------------------------------------------------------------------ wiring
     def attach_video(self, track) -> None:
@@ -175,6 +177,7 @@ class Session:
                 await self.close("the client's video track ended")
                 return
             self.received += 1
+            self._last_frame_at = time.perf_counter()
             if self._frame_slot is not None:
                 self.dropped += 1  # the tracker is still busy with an older frame
             self._frame_slot = (frame, time.time() * 1000.0, time.perf_counter())
@@ -336,10 +339,15 @@ class Session:
 
     # ------------------------------------------------------------------ watchdog and metrics
     async def _watchdog(self) -> None:
-        timeout = self.limits.no_video_timeout_s
-        await asyncio.sleep(timeout)
-        if self.received == 0:
-            await self.close(f"no video received within {timeout:g} s")
+        """Close sessions whose client never sent video, or stopped sending it without closing (a killed
+        browser tab, a dropped network): ICE consent checks would notice only after ~30 s."""
+        while not self.closed:
+            await asyncio.sleep(0.5)
+            if self.received == 0:
+                if time.monotonic() - self.created >= self.limits.no_video_timeout_s:
+                    await self.close(f"no video received within {self.limits.no_video_timeout_s:g} s")
+            elif time.perf_counter() - self._last_frame_at >= self.limits.stall_timeout_s:
+                await self.close(f"no video for {self.limits.stall_timeout_s:g} s: the client is gone")
 
     def metrics(self) -> dict:
         return {

@@ -112,6 +112,8 @@ def test_sessions_cleaned_up(live):
     assert live["sessions_after_close"] == 0
     assert live["vanish"]["status"] == 200 and live["vanish"]["sessions_right_after"] == 1
     assert live["vanish"]["sessions_after_timeout"] == 0
+    assert live["killed"]["client_said"].startswith("streaming") and live["killed"]["sessions_while_streaming"] == 1
+    assert live["killed"]["sessions_after"] == 0, "a killed client's session must be closed by the stall watchdog"
     assert live["health_end"]["sessions"] == 0
 
 

@@ -28,6 +28,20 @@ from stream.server import Server, ServerConfig  # noqa: E402
 from stream.session import Limits  # noqa: E402
 
 
+KILLED_CLIENT = """
+import asyncio, sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from stream.loopback import restrict_ice_to_loopback
+from stream.client import run_client
+restrict_ice_to_loopback()
+async def opened(channel, result):
+    await asyncio.sleep(1.0)
+    print("streaming", result.session, len(result.messages), flush=True)
+asyncio.run(run_client({base!r}, [np.full((240, 320, 3), 90, np.uint8)], 60.0, receive_video=False, on_open=opened))
+"""
+
+
 class Collector(asyncio.DatagramProtocol):
     def __init__(self, parse):
         self.parse = parse
@@ -88,7 +102,7 @@ async def main(out: Path) -> None:
     await loop.create_datagram_endpoint(lambda: ll_rx, local_addr=("127.0.0.1", ll_port))
     server = Server(ServerConfig(loopback_only=True, max_sessions=2, vmc=("127.0.0.1", vmc_port),
                                  livelink=("127.0.0.1", ll_port),
-                                 limits=Limits(no_video_timeout_s=3.0)))
+                                 limits=Limits(no_video_timeout_s=3.0, stall_timeout_s=2.0)))
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -166,6 +180,17 @@ async def main(out: Path) -> None:
         tiny = await run_client(base, [np.full((12, 12, 3), 128, np.uint8)], 2.0, receive_video=False)
         odd = await run_client(base, load_frames(str(find_asset("media/liveportrait_d3.mp4")), 30, (321, 239)),
                                3.0, receive_video=True)
+
+        # ---- a client process that streams, then is killed (no goodbye): the stall watchdog ends it
+        killed = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", KILLED_CLIENT.format(repo=str(Path(__file__).resolve().parents[2]), base=base),
+            stdout=asyncio.subprocess.PIPE)
+        line = await asyncio.wait_for(killed.stdout.readline(), 60)
+        res["killed"] = {"client_said": line.decode().strip(), "sessions_while_streaming": len(server.sessions)}
+        killed.kill()
+        await killed.wait()
+        await asyncio.sleep(3.5)
+        res["killed"]["sessions_after"] = len(server.sessions)
 
         # ---- a client that posts an offer and vanishes before connecting
         status, body = await post(http, f"{base}/offer", json={"sdp": await offer_sdp(), "type": "offer"})
