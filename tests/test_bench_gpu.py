@@ -1,0 +1,45 @@
+"""The GPU benchmark's pieces on CPU: parity report and the multi-process stream simulation (real processes,
+real pipe traffic, the real scheduler), so `bash bench/gpu.sh` is known to run before a GPU is lent."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import assets_root
+
+
+@pytest.fixture(scope="module")
+def media():
+    m = assets_root() / "media"
+    if not (m / "liveportrait_d0.mp4").is_file():
+        pytest.skip("shared media missing")
+    return m
+
+
+def test_parity_report_on_cpu(pack, media):
+    from engine.backends import CudaBackend
+    from engine.bench_gpu import load_frames, load_images, parity
+    from engine.pack import Pack
+
+    dev = Pack(CudaBackend(device="cpu", graphs=False))
+    frames = load_frames(media, ["liveportrait_d0.mp4"], 12)
+    res = parity(pack, dev, load_images(media)[:2], frames, fp16=False)
+    assert res["pass"], res
+    assert res["detector"]["detections_cpu"] >= 3 and res["landmarks"]["faces"] >= 3
+    assert res["end_to_end"]["frames"] == 4
+    # same weights and arithmetic, only the batch padding differs: far inside the GPU tolerances
+    assert res["landmarks"]["max_point_diff_px_batched"] < 2e-3
+
+
+def test_stream_simulation_runs_across_processes(pack, media):
+    from engine.bench_streams import load_clips, simulate
+
+    clips = load_clips(media, ["liveportrait_d0.mp4", "liveportrait_d3.mp4"], 10, 256)
+    assert clips[0].shape == (10, 256, 256, 3)
+    out = simulate(pack, clips, n_streams=2, streams_per_process=1, seconds=1.0, max_wait_ms=2.0)
+    assert "error" not in out, out
+    assert out["processes"] == 2
+    assert out["frames"] + out["dropped"] >= 2 * 25  # 2 streams x ~30 frames offered in 1 s
+    assert out["frames"] > 0 and out["latency_ms_p50"] > 0
+    assert out["latency_ms_p95"] >= out["latency_ms_p50"]
+    assert isinstance(out["held"], bool) and np.isfinite(out["landmark_mean_batch"])
