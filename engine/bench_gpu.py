@@ -327,7 +327,11 @@ def summary_text(r: dict) -> str:
     m = r["machine"]
     lines = [f"facestream GPU bench — device {m['device']}" + (f" ({m.get('gpu')})" if m.get("gpu") else ""),
              f"backend {r['backend']}; torch {m['torch']} (CUDA {m['torch_cuda']}); cupy {m['cupy']}; {m['cpu']}",
-             "backends: " + ", ".join(f"{k}: {'ok' if v is None else v}" for k, v in m["backends"].items()), ""]
+             "backends: " + ", ".join(f"{k}: {'ok' if v is None else v}" for k, v in m["backends"].items())]
+    if "graphs_captured" in r:
+        lines.append(f"CUDA graphs captured: {r['graphs_captured']} in {r['graph_capture_s']} s"
+                     + (f"; capture errors: {r['graph_capture_errors']}" if r.get("graph_capture_errors") else ""))
+    lines.append("")
     p = r.get("parity")
     if p:
         t = p["tolerances"]
@@ -429,6 +433,9 @@ def main(argv=None) -> int:
         sched = BatchScheduler(dev_pack)
         result["graphs_captured"] = sched.warm()
         sched.close()
+        if hasattr(dev_pack.backend, "capture_errors"):
+            result["graph_capture_errors"] = dev_pack.backend.capture_errors()
+        result["backend"] = dev_pack.backend.describe()
         result["graph_capture_s"] = round(time.perf_counter() - t0, 2)
 
     def step(name, fn):

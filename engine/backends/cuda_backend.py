@@ -16,6 +16,7 @@ moved by more than its parity tolerance against the CPU (found on an H200).
 """
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
@@ -119,6 +120,7 @@ class BucketRunner:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.buckets = tuple(sorted(buckets))
         self.entries: dict[tuple, _Entry] = {}
+        self.capture_error: str | None = None
         self.lock = threading.Lock()
         self.replays = 0
 
@@ -133,8 +135,18 @@ class BucketRunner:
         key = (b,) + tuple((tuple(x.shape[1:]), x.dtype) for x in inputs)
         entry = self.entries.get(key)
         if entry is None:
-            entry = _Entry(self.module, [(b, *x.shape[1:]) for x in inputs], [x.dtype for x in inputs],
-                           self.device, self.capture, self.pool)
+            shapes, dtypes = [(b, *x.shape[1:]) for x in inputs], [x.dtype for x in inputs]
+            try:
+                entry = _Entry(self.module, shapes, dtypes, self.device, self.capture, self.pool)
+            except Exception as exc:  # noqa: BLE001 - a network that cannot be captured still runs, eagerly
+                if not self.capture:
+                    raise
+                self.capture = False
+                self.capture_error = f"{type(exc).__name__}: {exc}"
+                print(f"facestream: CUDA graph capture of {type(self.module).__name__} failed, running it eagerly: "
+                      f"{self.capture_error}", file=sys.stderr)
+                self.entries.clear()
+                entry = _Entry(self.module, shapes, dtypes, self.device, False, None)
             self.entries[key] = entry
         return entry
 
@@ -196,5 +208,11 @@ class CudaBackend(TorchBackend):
     def gpu_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
+    def capture_errors(self) -> dict[str, str]:
+        return {type(m).__name__: r.capture_error for m, r in self._runners.items() if r.capture_error}
+
     def describe(self) -> str:
-        return f"{self.name}:{self.gpu_name()}" + (" (CUDA graphs)" if self.graphs else "")
+        failed = self.capture_errors()
+        graphs = " (CUDA graphs)" if self.graphs and not failed else (
+            f" (CUDA graphs; eager for {', '.join(failed)})" if self.graphs else "")
+        return f"{self.name}:{self.gpu_name()}{graphs}"
