@@ -28,8 +28,8 @@ def _error(msg: str, code: int = EXIT_INPUT) -> int:
 def _tracker_config(args):
     from engine.tracker import TrackerConfig
 
-    return TrackerConfig(hfov_deg=args.fov, detect_every=args.detect_every, filter=not args.no_filter,
-                         prdl=args.prdl)
+    prdl = TrackerConfig.prdl if args.prdl is None else args.prdl
+    return TrackerConfig(hfov_deg=args.fov, detect_every=args.detect_every, filter=not args.no_filter, prdl=prdl)
 
 
 def _add_tracking_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +45,14 @@ def _add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detect-every", type=int, default=30,
                    help="re-run the face detector every N frames while tracking (0: only when the face is lost)")
     p.add_argument("--no-filter", action="store_true", help="turn off the temporal (One-Euro) filter")
-    p.add_argument("--prdl", action="store_true",
-                   help="refine each frame with PRDL against part masks (experimental, off by default)")
+    from engine.tracker import TrackerConfig
+
+    on = "on" if TrackerConfig.prdl else "off"
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prdl", dest="prdl", action="store_const", const=True, default=None,
+                   help=f"refine each frame with PRDL against part masks (default: {on})")
+    g.add_argument("--no-prdl", dest="prdl", action="store_const", const=False,
+                   help="turn PRDL refinement off (regressor answer only)")
     p.add_argument("--prdl-masks", default="landmarks", choices=["landmarks", "parser"],
                    help="part masks for --prdl: rasterised landmark contours, or the BiSeNetV2 face parser")
 

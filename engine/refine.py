@@ -358,7 +358,7 @@ class PrdlRefiner:
         if key not in self._dev:
             free = np.nonzero(~self.fixed_exp)[0]
             C = len(self.cand_part)
-            host = {"cand_part": self.cand_part, "exp_flat": self.exp_flat, "free_idx": free,
+            host = {"cand_part": self.cand_part, "exp_flat": self.exp_flat.astype(np.float32), "free_idx": free,
                     "basis_free": np.ascontiguousarray(self.exp_basis_nk[:, :, free]).reshape(C, -1),
                     "neutral": self.neutral, "id_flat": self.id_flat, "face_neutral": self.face_neutral,
                     "face_id_flat": self.face_id_flat, "face_exp": self.face_exp, "vis_tol": self.vis_tol}
@@ -431,7 +431,7 @@ class PrdlRefiner:
 
         def project(Xs, RC_, T_):
             """Model points (B, S, 3) -> crop points (B, S, 2), camera points (B, S, 3)."""
-            pc = xp.einsum("bij,bsj->bsi", RC_, Xs) + T_[:, None, :]
+            pc = xp.matmul(Xs, RC_.transpose(0, 2, 1)) + T_[:, None, :]
             u = cam[:, None, 0] * pc[..., 0] / pc[..., 2] + cam[:, None, 2]
             v = cam[:, None, 1] * pc[..., 1] / pc[..., 2] + cam[:, None, 3]
             x = aff[:, None, 0] * u + aff[:, None, 1] * v + aff[:, None, 4]
@@ -440,18 +440,18 @@ class PrdlRefiner:
 
         def candidates(E_, RC_, T_):
             """Crop points (B, C, 2) and camera points (B, C, 3) of all candidates."""
-            return project(base + (E_ @ exp_flat).reshape(base.shape), RC_, T_)
+            return project(base + (E_.astype(xp.float32) @ exp_flat).reshape(base.shape), RC_, T_)  # f32: ~1e-5 cm
 
         def slot_points(sel, uvc):
-            """Predicted points (B, q*pm, 2): the mean of each cell's member candidates."""
+            """Predicted points (B, q, pm, 2): the mean of each cell's member candidates."""
             member, slot, count = sel[0], sel[1], xp.maximum(sel[2], 1)
             flat = uvc.reshape(-1, 2)[member]
             x = xp.bincount(slot, weights=flat[:, 0], minlength=len(count)) / count
             y = xp.bincount(slot, weights=flat[:, 1], minlength=len(count)) / count
-            return xp.stack([x, y], -1).reshape(B, q * pm, 2)
+            return xp.stack([x, y], -1).reshape(B, q, pm, 2)
 
         def prdl_residual_loss(uv, smask):
-            desc = prdl.part_descriptors(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, anchors, xp)
+            desc = prdl.part_descriptors(uv.reshape(B * q, -1, 2).astype(xp.float32), smask, anchors, xp)
             used = tvalid & smask.any(1)
             sw = xp.sqrt((weights * used / A)[:, None, None] * chw)
             r = (desc - tdesc) * sw
@@ -469,7 +469,7 @@ class PrdlRefiner:
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
         visible = splat_visibility(xp, face_uv, face_pc[..., 2], uvc, pcc[..., 2], splat, CROP_UNITS, dev["vis_tol"])
         sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
-        loss_before = prdl_residual_loss(slot_points(sel, uvc), sel[4])
+        loss_before = cur = None
         lam = xp.full(B, cfg.damping)
         alive = xp.ones(B, bool)
         iters = np.zeros(B, np.int64)
@@ -478,18 +478,23 @@ class PrdlRefiner:
             if it > 1:  # re-select the moved points once per iteration; trials below keep this selection
                 uvc, pcc = candidates(E, RC, T)
                 sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
-            smask = sel[4]
-            uv = slot_points(sel, uvc)
-            terms = prdl.gauss_newton_terms(uv.reshape(B * q, pm, 2).astype(xp.float32), smask, tdesc, anchors,
+            # slots are filled from 0 in every part: work on the first pe, the most any part uses
+            pe = max(int(sel[4].sum(1).max()), 1)
+            smask = sel[4][:, :pe]
+            uv = slot_points(sel, uvc)[:, :, :pe]
+            terms = prdl.gauss_newton_terms(uv.reshape(B * q, pe, 2).astype(xp.float32), smask, tdesc, anchors,
                                             weights, target_valid=tvalid, channel_weights=chw, xp=xp)
-            total = xp.asarray(terms.residuals, xp.float64).reshape(B, -1)
-            total = (total * total).sum(1) + prior_cost(E)
+            r = xp.asarray(terms.residuals, xp.float64).reshape(B, -1)
+            cur = (r * r).sum(1)
+            if loss_before is None:
+                loss_before = cur
+            total = cur + prior_cost(E)
             # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
-            rep = sel[3]
-            pc_rep = pcc.reshape(-1, 3)[rep].reshape(B, q * pm, 3)
-            sbasis = basis_c[rep % C].reshape(B, q * pm, 3, nf)
-            jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pm, 2, n)
-            jtj, jtr = batched_normal_equations(jac.reshape(B * q, pm, 2, n).astype(xp.float32), terms, B,
+            rep = sel[3].reshape(B * q, pm)[:, :pe].reshape(-1)
+            pc_rep = pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
+            sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
+            jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pe, 2, n)
+            jtj, jtr = batched_normal_equations(jac.reshape(B * q, pe, 2, n).astype(xp.float32), terms, B,
                                                 mean_anchor_stride=cfg.mean_anchor_stride)
             jtj, jtr = jtj.astype(xp.float64), jtr.astype(xp.float64)
             Ef = E[:, fi]
@@ -510,8 +515,10 @@ class PrdlRefiner:
                 Tn = T + delta[:, 3:6]
                 En = E.copy()
                 En[:, fi] = xp.clip(Ef + delta[:, 6:], 0.0, 1.0)
-                uvn = slot_points(sel, candidates(En, RCn, Tn)[0])
-                ok = pending & (prdl_residual_loss(uvn, smask) + prior_cost(En) < total)
+                uvn = slot_points(sel, candidates(En, RCn, Tn)[0])[:, :, :pe]
+                trial = prdl_residual_loss(uvn, smask)
+                ok = pending & (trial + prior_cost(En) < total)
+                cur = xp.where(ok, trial, cur)
                 RC = xp.where(ok[:, None, None], RCn, RC)
                 T = xp.where(ok[:, None], Tn, T)
                 E = xp.where(ok[:, None], En, E)
@@ -523,9 +530,10 @@ class PrdlRefiner:
             alive = alive & ~pending  # a face with no improving step is done
             if not bool(alive.any()):
                 break
-        uvc, _ = candidates(E, RC, T)
-        sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
-        loss_after = prdl_residual_loss(slot_points(sel, uvc), sel[4])
+        if loss_before is None:  # no iterations
+            loss_before = prdl_residual_loss(slot_points(sel, uvc), sel[4])
+            cur = loss_before
+        loss_after = cur  # with the last iteration's point selection
         used = _host((tvalid & sel[4].any(1)).reshape(B, q))
         worse = loss_after > loss_before  # re-selection can cost a little: never return worse than the start
         RC = xp.where(worse[:, None, None], rc0, RC)
@@ -660,8 +668,16 @@ def slot_jacobian(xp, pc, T, RC, sbasis, cam, aff):
     cross[..., 0, 1], cross[..., 0, 2] = rp[..., 2], -rp[..., 1]
     cross[..., 1, 0], cross[..., 1, 2] = -rp[..., 2], rp[..., 0]
     cross[..., 2, 0], cross[..., 2, 1] = rp[..., 1], -rp[..., 0]
-    rb = xp.einsum("bij,bsjk->bsik", RC, sbasis)  # rotated expression deltas
-    return xp.concatenate([a @ cross, a, a @ rb], -1)
+    B, S = pc.shape[:2]
+    nb = sbasis.shape[-1]
+    rb = xp.matmul(RC, sbasis.transpose(0, 2, 1, 3).reshape(B, 3, S * nb)).reshape(B, 3, S, nb)  # rotated deltas
+    out = xp.empty((B, S, 2, 6 + nb))
+    for i in range(2):
+        ai = a[:, :, i]  # (B, S, 3)
+        out[:, :, i, :3] = (ai[..., :, None] * cross).sum(-2)
+        out[:, :, i, 3:6] = ai
+        out[:, :, i, 6:] = ai[..., 0, None] * rb[:, 0] + ai[..., 1, None] * rb[:, 1] + ai[..., 2, None] * rb[:, 2]
+    return out
 
 
 def batched_rodrigues(xp, w):

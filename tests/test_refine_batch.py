@@ -29,13 +29,15 @@ def problems(refiner):
 
 
 def test_batch_equals_faces_one_at_a_time(refiner, problems):
+    """Equal up to float32 rounding: the padded point count of a batch is its largest part's, so sums over
+    padded rows may round differently than in a batch of one."""
     batch = refiner.refine_batch(problems)
     for p, b in zip(problems, batch):
         s = refiner.refine_batch([p])[0]
-        assert np.allclose(s.expression, b.expression, atol=1e-9)
-        assert np.allclose(s.rotation_cam, b.rotation_cam, atol=1e-9)
-        assert np.allclose(s.translation, b.translation, atol=1e-9)
-        assert s.loss_after == pytest.approx(b.loss_after, rel=1e-6)
+        assert np.allclose(s.expression, b.expression, atol=1e-4)
+        assert np.allclose(s.rotation_cam, b.rotation_cam, atol=1e-5)
+        assert np.allclose(s.translation, b.translation, atol=1e-4)
+        assert s.loss_after == pytest.approx(b.loss_after, rel=1e-4)
         assert b.loss_after <= b.loss_before
     # a face repeated within a batch gets the same answer twice
     twice = refiner.refine_batch([problems[0], problems[0]])
