@@ -11,7 +11,7 @@
   DELETE /sessions/ID            end a session
 
 The networks are loaded once (one Pack); every session has its own tracker. Tracking runs in a thread
-pool, rendering in one GL thread; the event loop only moves frames and messages.
+pool, rendering in a separate process (stream/render_worker.py); the event loop only moves frames and messages.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from stream.calibrate import apply_profile
 from stream.hub import MessageHub
 from stream.livelink import LiveLinkSender
 from stream.loopback import ice_restricted_to_loopback, restrict_ice_to_loopback
+from stream.render_worker import RenderProcess
 from stream.sdp import SdpError, check_offer
 from stream.session import Limits, RenderedTrack, Session, SessionOptions
 from stream.vmc import VmcSender
@@ -52,6 +53,7 @@ class ServerConfig:
     render: bool = True  # return the rendered video when the client asks for it
     limits: Limits = field(default_factory=Limits)
     prdl: bool | None = None  # None: the tracker's default
+    threads: int | None = None  # torch intra-op threads (None: the backend's default)
 
 
 def parse_target(text: str, default_port: int) -> tuple[str, int]:
@@ -67,24 +69,6 @@ def parse_target(text: str, default_port: int) -> tuple[str, int]:
     return host, p
 
 
-class RenderService:
-    """One GL context on one thread; sessions submit frames to it."""
-
-    def __init__(self, model):
-        from engine.render import Renderer
-
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="render")
-        self.renderer = self.pool.submit(Renderer, model).result()  # raises RenderError if no GL
-
-    async def __call__(self, rgb, state, camera, style, avatar):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self.renderer.render, rgb, state, camera, style, avatar)
-
-    def close(self) -> None:
-        self.pool.submit(self.renderer.release).result()
-        self.pool.shutdown()
-
-
 class Server:
     def __init__(self, config: ServerConfig, pack=None):
         from engine.pack import Pack
@@ -92,8 +76,8 @@ class Server:
         self.config = config
         if config.loopback_only:
             restrict_ice_to_loopback()
-        self.pack = pack or Pack(config.backend)
-        self.render = RenderService(self.pack.model) if config.render else None
+        self.pack = pack or Pack(config.backend, threads=config.threads)
+        self.render = RenderProcess() if config.render else None
         self.engine_pool = ThreadPoolExecutor(max(2, config.max_sessions), thread_name_prefix="engine")
         self.sessions: dict[str, Session] = {}
         self.hub = MessageHub()
@@ -135,7 +119,7 @@ class Server:
     async def health(self, request) -> web.Response:
         return web.json_response({
             "status": "ok", **self.pack.describe(),
-            "renderer": self.render.renderer.gl_renderer if self.render else None,
+            "renderer": self.render.gl_renderer if self.render else None,
             "sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
             "loopback_only": ice_restricted_to_loopback(), "uptime_s": round(time.monotonic() - self.started, 1),
         })
@@ -335,7 +319,7 @@ async def serve(config: ServerConfig) -> None:
     await site.start()
     log.info("facestream live on http://%s:%d/ (%s)", config.host, config.port, server.pack.describe())
     print(f"facestream: serving on http://{config.host}:{config.port}/  backend {server.pack.describe()['backend']}"
-          f"  renderer {server.render.renderer.gl_renderer if server.render else 'off'}", flush=True)
+          f"  renderer {server.render.gl_renderer if server.render else 'off'}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

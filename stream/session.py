@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -127,7 +128,7 @@ class Session:
         self._render_slot: tuple | None = None
         self._render_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._last_start = 0.0
+        self._starts: deque[float] = deque()  # processing starts in the last second (rate limit)
         self._last_frame_at = time.perf_counter()
 
     # ------------------------------------------------------------------ wiring
@@ -190,11 +191,9 @@ class Session:
             self._frame_ready.clear()
             frame, ts_recv, t_recv = self._frame_slot
             self._frame_slot = None
-            now = time.monotonic()
-            if self.limits.max_fps and now - self._last_start < 0.999 / self.limits.max_fps:
+            if self._over_rate():
                 self.rate_limited += 1
                 continue
-            self._last_start = now
             index = self.processed + self.errors
             try:
                 rgb, state = await loop.run_in_executor(self.engine_pool, self._track_frame, frame, index, ts_recv,
@@ -218,6 +217,20 @@ class Session:
             if self.video_out is not None and self.render is not None:
                 self._render_slot = (rgb, state, frame.pts, frame.time_base)
                 self._render_ready.set()
+
+    def _over_rate(self) -> bool:
+        """At most max_fps frames in any one-second window: network jitter may bunch frames of a 30 fps
+        camera, which a minimum-interval rule would wrongly drop."""
+        if not self.limits.max_fps:
+            return False
+        now = time.monotonic()
+        starts = self._starts
+        while starts and starts[0] <= now - 1.0:
+            starts.popleft()
+        if len(starts) >= self.limits.max_fps:
+            return True
+        starts.append(now)
+        return False
 
     def _track_frame(self, frame: av.VideoFrame, index: int, ts_recv: float, t_recv: float):
         """In an engine thread: convert (and scale down to the session limit), then track."""
