@@ -19,6 +19,7 @@ from engine.geometry import FLIP, Camera, DEFAULT_HFOV_DEG, euler_to_matrix, mat
 from engine.landmarks import Landmarker
 from engine.messages import FaceState
 from engine.networks.preprocess import Roi, roi_from_detection, roi_from_landmarks
+from engine.refine import LANDMARK_MASK_PART_WEIGHTS
 from engine.regressor import Regressor
 
 
@@ -34,7 +35,7 @@ class TrackerConfig:
     filter_exp_min_cutoff: float = 2.0
     filter_exp_beta: float = 4.0
     filter: bool = True
-    prdl: bool = False  # PRDL refinement against part masks (engine/refine.py)
+    prdl: bool = True  # PRDL refinement against part masks (engine/refine.py); --no-prdl turns it off
     prdl_mask_size: int = 128  # part-mask crop size, pixels
 
 
@@ -165,8 +166,9 @@ class Tracker:
         t1 = time.perf_counter()
         targets = self.refiner.targets(masks)
         prev = self.previous.expression if self.previous is not None else None
+        weights = LANDMARK_MASK_PART_WEIGHTS if masks.source == "landmarks" else None
         res = self.refiner.refine(targets, camera, fit.rotation_cam, fit.translation, fit.expression, fit.identity,
-                                  exp_prior=fit.expression, exp_prev=prev)
+                                  exp_prior=fit.expression, exp_prev=prev, part_weights=weights)
         state.timings_ms["segment"] = (t1 - t0) * 1e3
         state.timings_ms["prdl"] = (time.perf_counter() - t1) * 1e3
         state.prdl = {"loss_before": round(res.loss_before, 4), "loss_after": round(res.loss_after, 4),
