@@ -457,7 +457,7 @@ class PrdlRefiner:
             return xp.stack([x, y], -1).reshape(B, q, pm, 2)
 
         def prdl_residual_loss(uv, smask):
-            desc = prdl.part_descriptors(uv.reshape(B * q, -1, 2).astype(xp.float32), smask, anchors, xp)
+            desc = prdl.descriptor_values(uv.reshape(B * q, -1, 2).astype(xp.float32), smask, anchors, xp)
             used = tvalid & smask.any(1)
             sw = xp.sqrt((weights * used / A)[:, None, None] * chw)
             r = (desc - tdesc) * sw
@@ -719,8 +719,14 @@ def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_str
     sxx = xp.bincount(flat, weights=u[:, 0] * u[:, 0], minlength=nv).astype(dt).reshape(B, q * pm, 1)
     sxy = xp.bincount(flat, weights=u[:, 0] * u[:, 1], minlength=nv).astype(dt).reshape(B, q * pm, 1)
     syy = xp.bincount(flat, weights=u[:, 1] * u[:, 1], minlength=nv).astype(dt).reshape(B, q * pm, 1)
-    SG = xp.stack([sxx * Gb[:, :, 0] + sxy * Gb[:, :, 1], sxy * Gb[:, :, 0] + syy * Gb[:, :, 1]], 2)
-    jtj = xp.matmul(Gb.reshape(B, -1, n).transpose(0, 2, 1), SG.reshape(B, -1, n))
+    # only points selected by some min/max residual have S_v != 0: gather those (padded to the most per face)
+    act = ((sxx + syy) > 0)[..., 0]
+    kmax = max(int(act.sum(1).max()), 1)
+    idx = xp.argsort(~act, axis=1, kind="stable")[:, :kmax]  # active points first
+    take = lambda arr: xp.take_along_axis(arr, idx.reshape(idx.shape + (1,) * (arr.ndim - 2)), 1)  # noqa: E731
+    Ga, sxx, sxy, syy = take(Gb), take(sxx), take(sxy), take(syy)  # inactive fillers have S = 0
+    SG = xp.stack([sxx * Ga[:, :, 0] + sxy * Ga[:, :, 1], sxy * Ga[:, :, 0] + syy * Ga[:, :, 1]], 2)
+    jtj = xp.matmul(Ga.reshape(B, -1, n).transpose(0, 2, 1), SG.reshape(B, -1, n))
     s = max(int(mean_anchor_stride), 1)
     a = terms.anchors[:, ::s].astype(dt)  # (parts, A', 2)
     v = terms.points.astype(dt)
