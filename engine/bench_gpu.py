@@ -324,6 +324,20 @@ def regressor_processes(points: list[np.ndarray], procs: int, seconds: float = 3
 # ---------------------------------------------------------------- main
 
 def summary_text(r: dict) -> str:
+    """The text summary; a step that failed (or was skipped) shows its error instead of its table."""
+    lines: list[str] = []
+    for section in (_sum_header, _sum_parity, _sum_stages, _sum_throughput, _sum_streams):
+        try:
+            lines += section(r)
+        except Exception as exc:  # noqa: BLE001 - a broken step must not hide the other figures
+            name = section.__name__.replace("_sum_", "")
+            err = (r.get(name) or {}).get("error") if isinstance(r.get(name), dict) else None
+            lines += [f"{name}: {err or f'no summary ({type(exc).__name__}: {exc})'}", ""]
+    lines.append(f"wall time {r.get('wall_s')} s")
+    return "\n".join(lines)
+
+
+def _sum_header(r):
     m = r["machine"]
     lines = [f"facestream GPU bench — device {m['device']}" + (f" ({m.get('gpu')})" if m.get("gpu") else ""),
              f"backend {r['backend']}; torch {m['torch']} (CUDA {m['torch_cuda']}); cupy {m['cupy']}; {m['cpu']}",
@@ -331,27 +345,40 @@ def summary_text(r: dict) -> str:
     if "graphs_captured" in r:
         lines.append(f"CUDA graphs captured: {r['graphs_captured']} in {r['graph_capture_s']} s"
                      + (f"; capture errors: {r['graph_capture_errors']}" if r.get("graph_capture_errors") else ""))
-    lines.append("")
+    return lines + [""]
+
+
+def _sum_parity(r):
     p = r.get("parity")
-    if p:
-        t = p["tolerances"]
-        lines += ["parity vs CPU (tolerance in brackets):",
-                  f"  detector   regressors {p['detector']['max_regressor_diff_px']:.2e} px [{t['detector_regressors_px']}]"
-                  f"  score {p['detector']['max_score_diff']:.2e} [{t['detector_score']}]  detections "
-                  f"{p['detector']['detections_device']}/{p['detector']['detections_cpu']}  "
-                  f"{'PASS' if p['detector']['pass'] else 'FAIL'}",
-                  f"  landmarks  {p['landmarks']['faces']} faces, single {p['landmarks']['max_point_diff_px_single']:.2e} px,"
-                  f" batched {p['landmarks']['max_point_diff_px_batched']:.2e} px [{t['landmarks_px']}], score "
-                  f"{p['landmarks']['max_score_diff']:.2e} [{t['landmark_score']}]  {'PASS' if p['landmarks']['pass'] else 'FAIL'}",
-                  f"  end to end {p['end_to_end']['frames']} frames, expression {p['end_to_end']['max_expression_diff']:.2e}"
-                  f" [{t['e2e_expression']}], rotation {p['end_to_end']['max_rotation_diff_deg']:.2e} deg "
-                  f"[{t['e2e_rotation_deg']}], translation {p['end_to_end']['max_translation_diff_cm']:.2e} cm "
-                  f"[{t['e2e_translation_cm']}]  {'PASS' if p['end_to_end']['pass'] else 'FAIL'}",
-                  f"  (continuing track over 60 frames, informational: expression drift {p['continuing_track_expression_drift']:.3f})",
-                  ""]
+    if not p:
+        return []
+    t = p["tolerances"]
+    return ["parity vs CPU (tolerance in brackets):",
+            f"  detector   regressors {p['detector']['max_regressor_diff_px']:.2e} px [{t['detector_regressors_px']}]"
+            f"  score {p['detector']['max_score_diff']:.2e} [{t['detector_score']}]  detections "
+            f"{p['detector']['detections_device']}/{p['detector']['detections_cpu']}  "
+            f"{'PASS' if p['detector']['pass'] else 'FAIL'}",
+            f"  landmarks  {p['landmarks']['faces']} faces, single {p['landmarks']['max_point_diff_px_single']:.2e} px,"
+            f" batched {p['landmarks']['max_point_diff_px_batched']:.2e} px [{t['landmarks_px']}], score "
+            f"{p['landmarks']['max_score_diff']:.2e} [{t['landmark_score']}]  {'PASS' if p['landmarks']['pass'] else 'FAIL'}",
+            f"  end to end {p['end_to_end']['frames']} frames, expression {p['end_to_end']['max_expression_diff']:.2e}"
+            f" [{t['e2e_expression']}], rotation {p['end_to_end']['max_rotation_diff_deg']:.2e} deg "
+            f"[{t['e2e_rotation_deg']}], translation {p['end_to_end']['max_translation_diff_cm']:.2e} cm "
+            f"[{t['e2e_translation_cm']}]  {'PASS' if p['end_to_end']['pass'] else 'FAIL'}",
+            f"  (continuing track over 60 frames, informational: expression drift {p['continuing_track_expression_drift']:.3f})",
+            ""]
+
+
+def _sum_stages(r):
     s = r.get("stages")
-    if s:
-        lines += ["per-stage times, one face (ms, median): " + ", ".join(f"{k} {v}" for k, v in s.items()), ""]
+    if not s:
+        return []
+    return ["per-stage times, one face (ms, median): " + ", ".join(f"{k} {v}" for k, v in s.items()
+                                                                   if k != "error"), ""]
+
+
+def _sum_throughput(r):
+    lines = []
     tp = r.get("throughput")
     if tp:
         lines.append("batch  landmark stage ms  net ms  landmark faces/s  +regressor (1 thread) faces/s")
@@ -361,21 +388,29 @@ def summary_text(r: dict) -> str:
         lines.append("")
     rp = r.get("regressor_processes")
     if rp:
-        lines += [f"regressor in {rp['processes']} processes: {rp['faces_per_s']} faces/s", ""]
+        lines.append(f"regressor in {rp['processes']} processes: {rp['faces_per_s']} faces/s")
+        if tp and "32" in tp:
+            lines.append(f"landmarks (batch 32) + regressor ({rp['processes']} processes) bound: "
+                         f"{min(tp['32']['landmark_faces_per_s'], rp['faces_per_s'])} faces/s "
+                         "(the slower of the two stages measured apart; the stream simulation runs them together)")
+        lines.append("")
+    return lines
+
+
+def _sum_streams(r):
     sim = r.get("streams")
-    if sim:
-        lines.append("simulated 30 fps streams (network process + session processes, see engine/bench_streams.py):")
-        lines.append("streams  procs  p50 ms  p95 ms  p99 ms  drop   fps/stream  mean batch  held (p95<=15ms, drops<=1%)")
-        for v in sim:
-            if "error" in v:
-                lines.append(f"{v['streams']:>7}  error: {v['error']}")
-                continue
-            lines.append(f"{v['streams']:>7}  {v['processes']:>5}  {v['latency_ms_p50']:>6}  {v['latency_ms_p95']:>6}"
-                         f"  {v['latency_ms_p99']:>6}  {v['drop_rate']:>5}  {v['fps_per_stream']:>10}  "
-                         f"{v['landmark_mean_batch']:>10}  {'yes' if v['held'] else 'no'}")
-        lines.append(f"streams held at p95 <= 15 ms: {r.get('streams_held', 0)}")
-    lines.append(f"\nwall time {r['wall_s']} s")
-    return "\n".join(lines)
+    if not sim:
+        return []
+    lines = ["simulated 30 fps streams (network process + session processes, see engine/bench_streams.py):",
+             "streams  procs  p50 ms  p95 ms  p99 ms  drop   fps/stream  mean batch  held (p95<=15ms, drops<=1%)"]
+    for v in sim:
+        if "error" in v:
+            lines.append(f"{v['streams']:>7}  error: {v['error']}")
+            continue
+        lines.append(f"{v['streams']:>7}  {v['processes']:>5}  {v['latency_ms_p50']:>6}  {v['latency_ms_p95']:>6}"
+                     f"  {v['latency_ms_p99']:>6}  {v['drop_rate']:>5}  {v['fps_per_stream']:>10}  "
+                     f"{v['landmark_mean_batch']:>10}  {'yes' if v['held'] else 'no'}")
+    return lines + [f"streams held at p95 <= 15 ms: {r.get('streams_held', 0)}", ""]
 
 
 def main(argv=None) -> int:
