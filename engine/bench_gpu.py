@@ -426,7 +426,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-seconds", type=float, default=None)
     ap.add_argument("--regress-procs", type=int, default=None, help="processes for the regressor throughput step")
     ap.add_argument("--repeat", type=int, default=None)
-    ap.add_argument("--budget-s", type=float, default=200.0,
+    ap.add_argument("--budget-s", type=float, default=180.0,
                     help="no new stream count is started after this many seconds (keeps bench/gpu.sh under 8 min)")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: parity,stages,throughput,regressor,streams")
     args = ap.parse_args(argv)
