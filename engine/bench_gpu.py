@@ -473,6 +473,15 @@ def main(argv=None) -> int:
         result["backend"] = dev_pack.backend.describe()
         result["graph_capture_s"] = round(time.perf_counter() - t0, 2)
 
+    def save(final: bool = False):
+        """Results so far to --out (after every step, so a run cut short by a time limit keeps them)."""
+        result["wall_s"] = round(time.perf_counter() - t_all, 1)
+        result["complete"] = final
+        (out_dir / "bench_gpu.json").write_text(json.dumps(result, indent=1, default=str))
+        text = summary_text(result)
+        (out_dir / "bench_gpu.txt").write_text(text + "\n")
+        return text
+
     def step(name, fn):
         if name in skip:
             return
@@ -485,6 +494,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"bench_gpu: {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        save()
 
     step("parity", lambda: parity(cpu_pack, dev_pack, images, frames, fp16))
     step("stages", lambda: stage_times(dev_pack, frames, device, repeat))
@@ -517,6 +527,8 @@ def main(argv=None) -> int:
             print(f"bench_gpu: {n} streams ...", flush=True)
             rows.append(simulate(dev_pack, clips, n, args.streams_per_process, seconds, args.max_wait_ms))
             print("   ", rows[-1], flush=True)
+            result["streams"] = rows
+            save()
             if "error" in rows[-1] or (not rows[-1]["held"] and rows[-1].get("drop_rate", 1) > 0.1):
                 break  # far past capacity: larger counts only cost time
         return rows
@@ -525,11 +537,7 @@ def main(argv=None) -> int:
     if isinstance(result.get("streams"), list):
         held = [r["streams"] for r in result["streams"] if r.get("held")]
         result["streams_held"] = max(held) if held else 0
-    result["wall_s"] = round(time.perf_counter() - t_all, 1)
-    (out_dir / "bench_gpu.json").write_text(json.dumps(result, indent=1, default=str))
-    text = summary_text(result)
-    (out_dir / "bench_gpu.txt").write_text(text + "\n")
-    print(text)
+    print(save(final=True))
     return 0
 
 
