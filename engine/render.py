@@ -62,7 +62,7 @@ def create_context():
 class Renderer:
     """Renders FaceStates over RGB frames. Not thread-safe: use it from the thread that made it."""
 
-    def __init__(self, model: FaceModel, avatar_fraction: float = 0.3):
+    def __init__(self, model: FaceModel, avatar_fraction: float = 0.3, avatar_every: int = 2):
         import moderngl
 
         self.model = model
@@ -94,6 +94,10 @@ class Renderer:
         self._targets: dict[tuple[int, int], tuple] = {}
         self._moderngl = moderngl
         self._neutral_identity = np.zeros(model.n_id)
+        self.avatar_every = avatar_every
+        self._avatar = None
+        self._avatar_tick = avatar_every
+        self._avatar_size_drawn = 0
 
     # ------------------------------------------------------------------ public
     def render(self, rgb: np.ndarray, state: FaceState, camera: Camera, style: str = "shaded",
@@ -175,20 +179,41 @@ class Renderer:
         ctx.disable(mgl.DEPTH_TEST | mgl.BLEND)
 
     def _draw_avatar(self, state: FaceState, w: int, h: int) -> None:
-        """The neutral identity with the user's expression, head rotation and gaze, in a corner inset."""
-        ctx = self.ctx
+        """The neutral identity with the user's expression, head rotation and gaze, in a corner inset.
+        The avatar is re-drawn every `avatar_every` frames into its own texture and composited every frame:
+        on a CPU rasteriser its 25k triangles cost as much as the overlay itself."""
+        mgl, ctx = self._moderngl, self.ctx
         s = max(int(self.avatar_fraction * min(w, h)), 32)
+        fbo, tex = self._avatar_target(s)
+        self._avatar_tick += 1
+        if self._avatar_tick >= self.avatar_every or self._avatar_size_drawn != s:
+            self._avatar_tick = 0
+            self._avatar_size_drawn = s
+            fbo.use()
+            ctx.viewport = (0, 0, s, s)
+            fbo.clear(*AVATAR_BACKGROUND, depth=1.0)
+            rot_cam = FLIP @ state.rotation
+            verts = self._posed_vertices(state, self._neutral_identity, rot_cam, np.zeros(3))
+            centre = 0.5 * (verts.min(0) + verts.max(0))  # frame the face, not the model origin behind it
+            verts = verts - centre + np.array([0.0, 0.0, AVATAR_DISTANCE_CM], np.float32)
+            f = 0.5 * s / math.tan(math.radians(AVATAR_HFOV_DEG) / 2.0)
+            self._draw_mesh(verts, Camera(f, f, s / 2.0, s / 2.0, s, s), "shaded", opacity=1.0)
+        target, _ = self._target(w, h)
+        target.use()
         margin = max(s // 20, 2)
-        x0, y0 = w - s - margin, h - s - margin  # bottom-right of the image (rows run top-first)
-        ctx.viewport = (x0, y0, s, s)
-        ctx.scissor = (x0, y0, s, s)
-        ctx.clear(*AVATAR_BACKGROUND, depth=1.0)
-        rot_cam = FLIP @ state.rotation
-        # centre on the face: the model origin sits between the ears, the face ~9 cm in front of it
-        verts = self._posed_vertices(state, self._neutral_identity, rot_cam, np.zeros(3))
-        centre = 0.5 * (verts.min(0) + verts.max(0))
-        verts = verts - centre + np.array([0.0, 0.0, AVATAR_DISTANCE_CM], np.float32)
-        f = 0.5 * s / math.tan(math.radians(AVATAR_HFOV_DEG) / 2.0)
-        self._draw_mesh(verts, Camera(f, f, s / 2.0, s / 2.0, s, s), "shaded", opacity=1.0)
-        ctx.scissor = None
+        ctx.viewport = (w - s - margin, h - s - margin, s, s)  # bottom-right of the image (rows run top-first)
+        ctx.disable(mgl.DEPTH_TEST | mgl.BLEND)
+        tex.use(0)
+        self.bg_prog["dim"].value = 1.0
+        self.bg_vao.render(mgl.TRIANGLE_STRIP)
         ctx.viewport = (0, 0, w, h)
+
+    def _avatar_target(self, s: int):
+        if self._avatar is None or self._avatar[1].size != (s, s):
+            if self._avatar is not None:
+                for obj in self._avatar:
+                    obj.release()
+            tex = self.ctx.texture((s, s), 3)
+            fbo = self.ctx.framebuffer(color_attachments=[tex], depth_attachment=self.ctx.depth_renderbuffer((s, s)))
+            self._avatar = (fbo, tex)
+        return self._avatar
