@@ -8,11 +8,11 @@ and right eye yaw/pitch/roll in radians. A packet that ends after the name means
 from __future__ import annotations
 
 import math
-import socket
 import struct
 import uuid
 
 from engine.arkit import ARKIT_NAMES
+from stream.udp import UdpSender
 
 VERSION = 6
 N_VALUES = 61
@@ -63,27 +63,14 @@ def decode(packet: bytes) -> dict:
     return out
 
 
-class LiveLinkSender:
-    """Sends one packet per message to host:port over UDP (fire and forget)."""
+class LiveLinkSender(UdpSender):
+    """Sends one Live Link Face packet per message to host:port."""
 
     def __init__(self, host: str, port: int, subject: str = "facestream", fps: int = 30):
-        self.target = (host, port)
+        super().__init__(host, port)
         self.subject = subject
         self.fps = fps
         self.device_id = str(uuid.uuid4())
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        self.sent = 0
-        self.errors = 0
 
-    def send(self, msg: dict) -> None:
-        if "error" in msg:
-            return
-        try:
-            self.sock.sendto(encode(msg, self.device_id, self.subject, self.fps), self.target)
-            self.sent += 1
-        except OSError:
-            self.errors += 1  # receiver not up or buffer full: UDP drops, tracking goes on
-
-    def close(self) -> None:
-        self.sock.close()
+    def encode(self, msg: dict) -> bytes:
+        return encode(msg, self.device_id, self.subject, self.fps)

@@ -21,14 +21,18 @@ def _top(bs: dict, n: int = 4) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in sorted(bs.items(), key=lambda kv: -kv[1])[:n])
 
 
+def _datagrams(name: str, port: int):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    print(f"{name}: listening on udp/{port}")
+    while True:
+        yield sock.recvfrom(65536)[0]
+
+
 def receive_vmc(port: int) -> None:
     from pythonosc.osc_bundle import OscBundle
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
-    print(f"VMC: listening on udp/{port}")
-    while True:
-        data, _ = sock.recvfrom(65536)
+    for data in _datagrams("VMC", port):
         msgs = [(m.address, m.params) for m in OscBundle(data)]
         blend = {p[0]: p[1] for a, p in msgs if a == "/VMC/Ext/Blend/Val"}
         head = next((p for a, p in msgs if a == "/VMC/Ext/Bone/Pos" and p[0] == "Head"), None)
@@ -38,11 +42,7 @@ def receive_vmc(port: int) -> None:
 
 
 def receive_livelink(port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
-    print(f"Live Link: listening on udp/{port}")
-    while True:
-        data, _ = sock.recvfrom(65536)
+    for data in _datagrams("Live Link", port):
         p = livelink.decode(data)
         if not p["face"]:
             print(f"{p['subject']}: no face")

@@ -15,13 +15,13 @@ avatar's right, +y up, +z forward (left-handed). Reflecting x maps one onto the 
 """
 from __future__ import annotations
 
-import socket
 import time
 
 from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from engine.arkit import ARKIT_NAMES
+from stream.udp import UdpSender
 
 DEFAULT_PORT = 39539
 PERFECT_SYNC = [n[0].upper() + n[1:] for n in ARKIT_NAMES]
@@ -72,25 +72,12 @@ def encode(msg: dict, t0: float) -> bytes:
     return bundle.build().dgram
 
 
-class VmcSender:
-    """Sends one OSC bundle per message to host:port over UDP (fire and forget)."""
+class VmcSender(UdpSender):
+    """Sends one VMC OSC bundle per message to host:port."""
 
     def __init__(self, host: str, port: int):
-        self.target = (host, port)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
+        super().__init__(host, port)
         self.t0 = time.monotonic()
-        self.sent = 0
-        self.errors = 0
 
-    def send(self, msg: dict) -> None:
-        if "error" in msg:
-            return
-        try:
-            self.sock.sendto(encode(msg, self.t0), self.target)
-            self.sent += 1
-        except OSError:
-            self.errors += 1  # receiver not up or buffer full: UDP drops, tracking goes on
-
-    def close(self) -> None:
-        self.sock.close()
+    def encode(self, msg: dict) -> bytes:
+        return encode(msg, self.t0)

@@ -9,22 +9,18 @@ from pathlib import Path
 import pytest
 
 from engine.messages import validate_message
-from tests.live.netns import netns_problem, run_isolated
+from tests.live.netns import run_scenario
 
 SCENARIO = Path(__file__).parent / "live" / "scenario_browser.py"
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    reason = netns_problem()
-    if reason:
-        pytest.skip(reason)
     if shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
     pytest.importorskip("playwright", reason="playwright (Python) drives Chromium; pip install -e .[test]")
     out = tmp_path_factory.mktemp("browser")
-    proc = run_isolated([str(SCENARIO), str(out)], timeout=420)
-    assert proc.returncode == 0, f"browser scenario failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_scenario(SCENARIO, out)
     return json.loads((out / "result.json").read_text()), out
 
 
@@ -40,7 +36,8 @@ def test_page_receives_face_messages(page):
 def test_page_shows_returned_rendered_video(page):
     res, out = page
     assert res["videoFrames"] >= 10
-    assert res["remote"] == [640, 480]
+    w, h = res["remote"]  # Chromium may scale its camera down when the machine is busy (CPU adaptation)
+    assert 160 <= w <= 640 and abs(w / h - 4 / 3) < 0.05
     for name in ("page_shaded.png", "page_parts.png", "page_wireframe.png"):
         assert (out / name).stat().st_size > 20_000
 

@@ -10,19 +10,15 @@ import pytest
 
 from engine.arkit import ARKIT_NAMES
 from engine.messages import validate_message
-from tests.live.netns import netns_problem, run_isolated
+from tests.live.netns import run_scenario
 
 SCENARIO = Path(__file__).parent / "live" / "scenario_server.py"
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    reason = netns_problem()
-    if reason:
-        pytest.skip(reason)
     out = tmp_path_factory.mktemp("live") / "result.json"
-    proc = run_isolated([str(SCENARIO), str(out)], timeout=420)
-    assert proc.returncode == 0, f"scenario failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_scenario(SCENARIO, out)
     return json.loads(out.read_text())
 
 

@@ -29,3 +29,15 @@ def run_isolated(args: list[str], timeout: float, env: dict | None = None) -> su
     inner = "exec " + " ".join(shlex.quote(a) for a in [sys.executable, *args])
     return subprocess.run(_wrap(inner), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def run_scenario(script, out, timeout: float = 420):
+    """Run a tests/live scenario script (args: OUT) in the namespace; skips the calling test where
+    namespaces cannot be made, fails it with the scenario's output when the script fails."""
+    import pytest
+
+    reason = netns_problem()
+    if reason:
+        pytest.skip(reason)
+    proc = run_isolated([str(script), str(out)], timeout=timeout)
+    assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
