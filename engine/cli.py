@@ -25,10 +25,15 @@ def _error(msg: str, code: int = EXIT_INPUT) -> int:
 
 # ---------------------------------------------------------------- track
 
+# track / bench refine with PRDL unless --no-prdl: with landmark masks the tracker stays above 30 fps at
+# 640x480 on the 2-core CPU (docs/BENCHMARKS.md)
+PRDL_DEFAULT = True
+
+
 def _tracker_config(args):
     from engine.tracker import TrackerConfig
 
-    prdl = TrackerConfig.prdl if args.prdl is None else args.prdl
+    prdl = PRDL_DEFAULT if args.prdl is None else args.prdl
     return TrackerConfig(hfov_deg=args.fov, detect_every=args.detect_every, filter=not args.no_filter, prdl=prdl)
 
 
@@ -45,9 +50,7 @@ def _add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detect-every", type=int, default=30,
                    help="re-run the face detector every N frames while tracking (0: only when the face is lost)")
     p.add_argument("--no-filter", action="store_true", help="turn off the temporal (One-Euro) filter")
-    from engine.tracker import TrackerConfig
-
-    on = "on" if TrackerConfig.prdl else "off"
+    on = "on" if PRDL_DEFAULT else "off"
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prdl", dest="prdl", action="store_const", const=True, default=None,
                    help=f"refine each frame with PRDL against part masks (default: {on})")

@@ -661,29 +661,22 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
 def slot_jacobian(xp, pc, T, RC, sbasis, cam, aff):
     """d(crop point)/d(rotation increment, translation, expression) (B, S, 2, 6 + n_e) of points whose camera
     coordinates are ``pc`` (B, S, 3) = RC (model point) + T and whose expression deltas are ``sbasis``
-    (B, S, 3, n_e). Rotation increments are left-multiplied: d(pc) = w x (pc - T)."""
-    z = pc[..., 2]
-    a = xp.zeros(pc.shape[:2] + (2, 3))
-    a[..., 0, 0] = cam[:, None, 0] / z
-    a[..., 0, 2] = -cam[:, None, 0] * pc[..., 0] / z ** 2
-    a[..., 1, 1] = cam[:, None, 1] / z
-    a[..., 1, 2] = -cam[:, None, 1] * pc[..., 1] / z ** 2
-    M = aff[:, :4].reshape(-1, 1, 2, 2)
-    a = M @ a  # image px -> crop units
-    rp = pc - T[:, None, :]
-    cross = xp.zeros(pc.shape[:2] + (3, 3))
-    cross[..., 0, 1], cross[..., 0, 2] = rp[..., 2], -rp[..., 1]
-    cross[..., 1, 0], cross[..., 1, 2] = -rp[..., 2], rp[..., 0]
-    cross[..., 2, 0], cross[..., 2, 1] = rp[..., 1], -rp[..., 0]
+    (B, S, 3, n_e). Rotation increments are left-multiplied, d(pc) = w x (pc - T), so row i of the rotation
+    block is (pc - T) x a_i with a_i = d(crop_i)/d(pc); the expression block is (RC^T a_i) . basis."""
     B, S = pc.shape[:2]
     nb = sbasis.shape[-1]
-    rb = xp.matmul(RC, sbasis.transpose(0, 2, 1, 3).reshape(B, 3, S * nb)).reshape(B, 3, S, nb)  # rotated deltas
+    iz = 1.0 / pc[..., 2]
+    fx, fy = cam[:, None, 0], cam[:, None, 1]
+    rp = pc - T[:, None, :]
     out = xp.empty((B, S, 2, 6 + nb))
     for i in range(2):
-        ai = a[:, :, i]  # (B, S, 3)
-        out[:, :, i, :3] = (ai[..., :, None] * cross).sum(-2)
-        out[:, :, i, 3:6] = ai
-        out[:, :, i, 6:] = ai[..., 0, None] * rb[:, 0] + ai[..., 1, None] * rb[:, 1] + ai[..., 2, None] * rb[:, 2]
+        m0, m1 = aff[:, None, 2 * i], aff[:, None, 2 * i + 1]  # crop_i = m0 u + m1 v + b_i
+        a = xp.stack([m0 * fx * iz, m1 * fy * iz, -(m0 * fx * pc[..., 0] + m1 * fy * pc[..., 1]) * iz * iz], -1)
+        out[:, :, i, :3] = xp.cross(rp, a)
+        out[:, :, i, 3:6] = a
+        ra = xp.matmul(a, RC)  # (B, S, 3): RC^T a per point
+        out[:, :, i, 6:] = (ra[..., 0, None] * sbasis[:, :, 0] + ra[..., 1, None] * sbasis[:, :, 1]
+                            + ra[..., 2, None] * sbasis[:, :, 2])
     return out
 
 

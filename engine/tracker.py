@@ -35,7 +35,11 @@ class TrackerConfig:
     filter_exp_min_cutoff: float = 2.0
     filter_exp_beta: float = 4.0
     filter: bool = True
-    prdl: bool = True  # PRDL refinement against part masks (engine/refine.py); --no-prdl turns it off
+    # PRDL refinement against part masks (engine/refine.py). On by default in `facestream track` / `bench`
+    # (engine/cli.py, --no-prdl); off here, so that the batched scheduler, the server and calibration capture,
+    # which build TrackerConfig() themselves, keep their behaviour until they handle PRDL (batched sessions do
+    # not run it yet; calibrated resting values rise with it: docs/BENCHMARKS.md).
+    prdl: bool = False
     prdl_mask_size: int = 128  # part-mask crop size, pixels
 
 
