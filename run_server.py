@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     prdl = p.add_mutually_exclusive_group()
     prdl.add_argument("--prdl", dest="prdl", action="store_true", default=None, help="PRDL refinement on")
     prdl.add_argument("--no-prdl", dest="prdl", action="store_false", help="PRDL refinement off")
+    p.add_argument("--batch-ms", type=float, help="batch the networks across sessions, collecting frames for "
+                   "at most this many ms (default: 2 on a GPU backend, off on CPU; 0 turns it off)")
     p.add_argument("--threads", type=int, help="torch threads for the networks (default: one per core, at most 4)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
             livelink=parse_target(args.livelink, 11111) if args.livelink else None,
             livelink_subject=args.livelink_subject, profile=args.profile, render=not args.no_render,
             limits=Limits(args.max_width, args.max_height, args.max_fps), prdl=args.prdl,
-            threads=args.threads)
+            threads=args.threads, batch_ms=args.batch_ms)
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         return 0

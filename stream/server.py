@@ -54,6 +54,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     prdl: bool | None = None  # None: the tracker's default
     threads: int | None = None  # torch intra-op threads (None: the backend's default)
+    batch_ms: float | None = None  # batch the networks across sessions, collecting this long; None: on GPU only
 
 
 def parse_target(text: str, default_port: int) -> tuple[str, int]:
@@ -78,6 +79,7 @@ class Server:
             restrict_ice_to_loopback()
         self.pack = pack or Pack(config.backend, threads=config.threads)
         self.render = RenderProcess() if config.render else None
+        self.scheduler = self._scheduler(config.batch_ms)
         self.engine_pool = ThreadPoolExecutor(max(2, config.max_sessions), thread_name_prefix="engine")
         self.sessions: dict[str, Session] = {}
         self.hub = MessageHub()
@@ -88,6 +90,25 @@ class Server:
             from calibration.profile import Profile
 
             self.default_profile = Profile.load(config.profile)  # ProfileError: the caller reports it
+
+    def _scheduler(self, batch_ms: float | None):
+        """On a GPU, the detector and landmark network run once per batch of all sessions' frames
+        (engine/batching.py); on a CPU batching buys nothing, so each session calls them directly."""
+        if batch_ms is None:
+            batch_ms = 2.0 if self.pack.backend.device.type == "cuda" else 0.0
+        if batch_ms <= 0:
+            return None
+        from engine.batching import BatchScheduler
+
+        scheduler = BatchScheduler(self.pack, max_wait_ms=batch_ms)
+        scheduler.warm()
+        return scheduler
+
+    def _new_tracker(self):
+        cfg = self._tracker_config()
+        if self.scheduler is not None:
+            return self.scheduler.session(cfg).tracker
+        return self.pack.tracker(cfg)
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -109,6 +130,8 @@ class Server:
     async def _shutdown(self, app) -> None:
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())))
         self.engine_pool.shutdown(wait=False)
+        if self.scheduler is not None:
+            self.scheduler.close()
         if self.render is not None:
             self.render.close()
 
@@ -122,6 +145,7 @@ class Server:
             "renderer": self.render.gl_renderer if self.render else None,
             "sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
             "loopback_only": ice_restricted_to_loopback(), "uptime_s": round(time.monotonic() - self.started, 1),
+            "batching": None if self.scheduler is None else self.scheduler.stats(),
         })
 
     async def metrics(self, request) -> web.Response:
@@ -155,7 +179,7 @@ class Server:
             return _error(400, str(exc))
 
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN/TURN: host candidates only
-        tracker = self.pack.tracker(self._tracker_config(), profile=None)
+        tracker = self._new_tracker()
         session = Session(pc, tracker, self.engine_pool, self.render, outputs, options, self.config.limits,
                           self.hub, on_close=self._forget)
         if profile is not None:

@@ -22,6 +22,13 @@ def live(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def test_networks_batched_across_sessions(live):
+    stats = live["health_end"]["batching"]
+    assert stats["landmarks"]["items"] >= live["a"]["face_messages"] + live["b"]["face_messages"]
+    assert stats["landmarks"]["expired"] == 0 and stats["detect"]["batches"] >= 2
+    assert stats["landmarks"]["max_batch"] >= 2, "two concurrent sessions never shared a batch"
+
+
 def test_health_and_page(live):
     h = live["health"]
     assert h["status"] == "ok" and h["sessions"] == 0 and h["max_sessions"] == 2

@@ -102,7 +102,8 @@ async def main(out: Path) -> None:
     await loop.create_datagram_endpoint(lambda: ll_rx, local_addr=("127.0.0.1", ll_port))
     server = Server(ServerConfig(loopback_only=True, max_sessions=2, vmc=("127.0.0.1", vmc_port),
                                  livelink=("127.0.0.1", ll_port),
-                                 limits=Limits(no_video_timeout_s=3.0, stall_timeout_s=2.0)))
+                                 limits=Limits(no_video_timeout_s=3.0, stall_timeout_s=2.0),
+                                 batch_ms=2.0))  # the GPU path's cross-session batching, here on the CPU
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
