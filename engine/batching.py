@@ -203,14 +203,17 @@ class _SessionLandmarker:
 class Session:
     """One stream: a Tracker whose network calls are batched with every other session's."""
 
-    def __init__(self, scheduler: "BatchScheduler", config=None, camera=None, profile=None):
+    def __init__(self, scheduler: "BatchScheduler", config=None, camera=None, profile=None, masks: str = "landmarks"):
         from engine.tracker import Tracker
 
         self.scheduler = scheduler
         self.deadline: float | None = None
         pack = scheduler.pack
+        segmenter = refiner = None
+        if config is not None and config.prdl:  # PRDL refinement, like the regressor, runs per face in this thread
+            segmenter, refiner = pack._prdl_parts(masks)
         self.tracker = Tracker(_SessionDetector(self), _SessionLandmarker(self, pack.landmarker), pack.regressor,
-                               pack.model, config, camera, profile=profile)
+                               pack.model, config, camera, segmenter=segmenter, refiner=refiner, profile=profile)
 
     def process(self, rgb: np.ndarray, frame_index: int, deadline: float | None = None, **kw):
         """Tracker.process with batched network stages. `deadline` (time.perf_counter() seconds) bounds
@@ -246,8 +249,8 @@ class BatchScheduler:
                 n += r.warm([shape], sizes=sizes)
         return n
 
-    def session(self, config=None, camera=None, profile=None) -> Session:
-        return Session(self, config, camera, profile)
+    def session(self, config=None, camera=None, profile=None, masks: str = "landmarks") -> Session:
+        return Session(self, config, camera, profile, masks)
 
     def stats(self) -> dict:
         return {"detect": self.detect.stats.summary(), "landmarks": self.landmarks.stats.summary()}

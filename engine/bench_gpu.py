@@ -188,7 +188,7 @@ def parity(cpu_pack, dev_pack, images, frames, fp16: bool) -> dict:
                         "max_score_diff": s_diff,
                         "pass": max(p_single, p_batch) <= TOL["landmarks_px"][col] and s_diff <= TOL["landmark_score"][col]}
     # end to end: every frame a new track (ROI from the detector), coefficients and pose
-    cfg = TrackerConfig(filter=False)
+    cfg = TrackerConfig(filter=False, prdl=False)
     t_cpu, t_dev = cpu_pack.tracker(cfg), dev_pack.tracker(cfg)
     e_exp = e_rot = e_tr = 0.0
     n = 0
@@ -240,7 +240,7 @@ def stage_times(pack, frames, device: str, repeat: int) -> dict:
         "detector_ms": ms(lambda: pack.detector(rgb)),
         "landmarks_ms": ms(lambda: pack.landmarker(image, roi)),
     }
-    tracker = pack.tracker(TrackerConfig())
+    tracker = pack.tracker(TrackerConfig(prdl=False))
     tracker.process(rgb, 0)
     prev = tracker.previous
     cam = tracker.camera_for(rgb.shape[1], rgb.shape[0])

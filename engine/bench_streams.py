@@ -95,7 +95,8 @@ class _Stream:
         self.remote = remote
         self.handle = None
         self.deadline = None
-        self.tracker = Tracker(_RemoteDetector(self), _RemoteLandmarker(self), regressor, model, TrackerConfig())
+        self.tracker = Tracker(_RemoteDetector(self), _RemoteLandmarker(self), regressor, model,
+                               TrackerConfig(prdl=False))
 
 
 def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue):

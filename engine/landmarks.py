@@ -13,7 +13,7 @@ import torch
 
 from engine.networks.face_landmarks import load_attention_mesh, load_face_landmarks
 from engine.networks.iris import load_iris
-from engine.networks.preprocess import (LANDMARK_SIZE, Roi, as_image_tensor, crop_eyes, crop_roi, crop_rois,
+from engine.networks.preprocess import (LANDMARK_SIZE, Roi, as_image_tensor, crop_eyes, crop_faces, crop_roi,
                                         project_eye_landmarks, project_landmarks)
 
 LANDMARK_MODELS = ("attention", "mesh468")
@@ -50,18 +50,10 @@ class Landmarker:
     def batch(self, items: list[tuple[torch.Tensor, Roi]]) -> list[tuple[np.ndarray, float]]:
         """Batched __call__: faces from any number of frames (one (image, roi) each, images from
         to_tensor) through one network run per `max_batch` faces; per-face results in input order.
-        Faces of the same image tensor are cropped with one sampling call."""
+        Frames of one size are cropped with one sampling call (preprocess.crop_faces)."""
         if not items:
             return []
-        groups: dict[int, list[int]] = {}
-        for i, (image, _roi) in enumerate(items):
-            groups.setdefault(id(image), []).append(i)
-        crops = [None] * len(items)
-        for idx in groups.values():
-            c = crop_rois(items[idx[0]][0], [items[i][1] for i in idx], LANDMARK_SIZE)
-            for k, i in enumerate(idx):
-                crops[i] = c[k:k + 1]
-        x = torch.cat(crops)
+        x = crop_faces(items, LANDMARK_SIZE)
         points, logits = [], []
         for s in range(0, len(items), self.max_batch):
             p, lg = self.backend.run(self.net, x[s:s + self.max_batch])
