@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -15,6 +14,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 class MediaError(Exception):
     """Input that cannot be read as frames; the message is meant for the user as it is."""
+
+
+def _av():
+    """PyAV, imported only when a video file is read or written: images and image folders need none."""
+    try:
+        import av
+    except ImportError as exc:
+        raise MediaError(f"reading or writing video needs PyAV (pip install av): {exc}") from None
+    return av
 
 
 @dataclass
@@ -46,6 +54,7 @@ class MediaSource:
             self._probe_video()
 
     def _probe_video(self) -> None:
+        av = _av()
         try:
             with av.open(str(self.path)) as container:
                 if not container.streams.video:
@@ -67,6 +76,7 @@ class MediaSource:
                 yield Frame(i, None, load_image(p), p.name, (time.perf_counter() - t0) * 1e3)
 
     def _video_frames(self) -> Iterator[Frame]:
+        av = _av()
         n = 0
         errors = 0
         try:
@@ -121,7 +131,8 @@ class VideoWriter:
     """H.264 mp4 writer for overlay frames (sizes rounded down to even, as yuv420p needs)."""
 
     def __init__(self, path: Path, fps: float, width: int, height: int):
-        self.container = av.open(str(path), mode="w")
+        self._av = _av()
+        self.container = self._av.open(str(path), mode="w")
         rate = max(1, int(round(fps or 25)))
         self.stream = self.container.add_stream("libx264", rate=rate)
         self.stream.width, self.stream.height = width - width % 2, height - height % 2
@@ -130,7 +141,7 @@ class VideoWriter:
 
     def write(self, rgb: np.ndarray) -> None:
         h, w = self.stream.height, self.stream.width
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:h, :w]), format="rgb24")
+        frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:h, :w]), format="rgb24")
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
 
