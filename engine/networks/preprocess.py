@@ -248,12 +248,21 @@ def crop_faces(items: list[tuple[torch.Tensor, Roi]], size: int = LANDMARK_SIZE,
                 frames[key] = len(stack)
                 stack.append(items[i][0])
             rows.append(frames[key])
-        imgs = torch.stack(stack)
-        if len(stack) != len(idx):  # several faces in one frame: one sampled copy per face
-            imgs = imgs.index_select(0, torch.tensor(rows, device=device))
         grid = _affine_grid([items[i][1] for i in idx], size, size, W, H, False, device)
         grid = grid.reshape(len(idx), size, size, 2)
-        crops = F.grid_sample(imgs.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+        if device.type == "cuda":  # stacking the frames is cheap on the device and saves launches
+            imgs = torch.stack(stack)
+            if len(stack) != len(idx):  # several faces in one frame: one sampled copy per face
+                imgs = imgs.index_select(0, torch.tensor(rows, device=device))
+            crops = F.grid_sample(imgs.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+        else:  # on a CPU copying whole frames costs more than it saves: sample each frame in place
+            crops = grid.new_empty((len(idx), 3, size, size))
+            rows_t = torch.tensor(rows)
+            for r, img in enumerate(stack):
+                sel = (rows_t == r).nonzero().reshape(-1)
+                g = grid.index_select(0, sel).reshape(1, -1, size, 2)
+                c = F.grid_sample(img[None].float(), g, mode="bilinear", padding_mode="border", align_corners=True)
+                crops[sel] = c.reshape(3, len(sel), size, size).transpose(0, 1)
         if quantize:
             crops = crops.round_()
         crops = crops * (1.0 / 255.0)
