@@ -101,15 +101,40 @@ def make_backend(device: str, backend: str):
     return select_backend(backend)
 
 
-def load_frames(media: Path, names, n: int, size: int | None = None) -> list[np.ndarray]:
+STILLS = ("liveportrait_img_d9.jpg", "liveportrait_img_d12.jpg", "liveportrait_img_d19.jpg", "liveportrait_img_d38.jpg",
+          "liveportrait_img_s2.jpg", "liveportrait_img_s12.jpg")
+FRAME_SOURCE = {"kind": "video"}
+
+
+def _still_clip(media: Path, k: int, n: int) -> list[np.ndarray]:
+    """Without PyAV: a clip from a still photo of a real face, shifted along a slow circle frame by frame."""
     from PIL import Image
 
-    from engine.media import MediaSource
+    rgb = np.asarray(Image.open(media / STILLS[k % len(STILLS)]).convert("RGB"))
+    out = []
+    for i in range(n):
+        dx, dy = int(round(6 * np.cos(i / 8))), int(round(4 * np.sin(i / 8)))
+        out.append(np.ascontiguousarray(np.roll(rgb, (dy, dx), axis=(0, 1))))
+    return out
+
+
+def load_frames(media: Path, names, n: int, size: int | None = None) -> list[np.ndarray]:
+    """The first n frames of each video (resized to size x size if given). Where PyAV is missing (a bare GPU
+    machine), still photos with a slow synthetic motion stand in; FRAME_SOURCE records which was used."""
+    from PIL import Image
+
+    from engine.media import MediaError, MediaSource
 
     out = []
-    for name in names:
-        for _, f in zip(range(n), MediaSource(media / name).frames()):
-            rgb = f.rgb
+    for k, name in enumerate(names):
+        try:
+            clip = [f.rgb for _, f in zip(range(n), MediaSource(media / name).frames())]
+        except MediaError as exc:
+            if "PyAV" not in str(exc):
+                raise
+            FRAME_SOURCE.update(kind="stills (PyAV not installed)", reason=str(exc))
+            clip = _still_clip(media, k, n)
+        for rgb in clip:
             if size and rgb.shape[:2] != (size, size):
                 rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
             out.append(np.ascontiguousarray(rgb))
@@ -341,7 +366,8 @@ def _sum_header(r):
     m = r["machine"]
     lines = [f"facestream GPU bench — device {m['device']}" + (f" ({m.get('gpu')})" if m.get("gpu") else ""),
              f"backend {r['backend']}; torch {m['torch']} (CUDA {m['torch_cuda']}); cupy {m['cupy']}; {m['cpu']}",
-             "backends: " + ", ".join(f"{k}: {'ok' if v is None else v}" for k, v in m["backends"].items())]
+             "backends: " + ", ".join(f"{k}: {'ok' if v is None else v}" for k, v in m["backends"].items()),
+             f"frames: {r.get('frames', {}).get('kind', 'video')}"]
     if "graphs_captured" in r:
         lines.append(f"CUDA graphs captured: {r['graphs_captured']} in {r['graph_capture_s']} s"
                      + (f"; capture errors: {r['graph_capture_errors']}" if r.get("graph_capture_errors") else ""))
@@ -462,6 +488,7 @@ def main(argv=None) -> int:
     fp16 = dev_pack.backend.name == "tensorrt"
     frames = load_frames(media, VIDEOS[:3], 40 if cpu_mode else 90)
     images = load_images(media)
+    result["frames"] = dict(FRAME_SOURCE)
     if hasattr(dev_pack.backend, "runner") and not cpu_mode:
         from engine.batching import BatchScheduler
         t0 = time.perf_counter()
