@@ -40,11 +40,14 @@ from engine.raster import face_labels
 
 CROP_UNITS = 100.0
 EYE_U, EYE_S = 17, 9  # eye-opening samples: positions along the lids (corners included) x blends between them
-# Part weights for masks rasterised from the landmark network's contours: its eye contour does not close when
-# the eyes do (a sliver stays open), so the eye parts would pull closed eyes open; the regressor already reads
-# the same landmarks. On liveportrait_d3 (eyes closed, frames 112-160) the mean eyeBlink with eyes weighted
-# was 0.39 against the regressor's 0.61; with them left out PRDL keeps the closure.
-LANDMARK_MASK_PART_WEIGHTS = (0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+# Part weights for masks rasterised from the landmark network's contours. Left out: the eyes, because that
+# contour does not close when the eyes do (a sliver stays open: on liveportrait_d3, eyes closed in frames
+# 112-160, the mean eyeBlink was 0.39 with the eyes weighted against the regressor's 0.61), and the skin, whose
+# outline (face oval, forehead cut at the brows) is drawn unlike the mesh's skin labels: with it PRDL opened the
+# jaw to stretch the mesh's skin down to the oval (jawOpen median over frames 0-110 0.40 with skin, 0.17
+# without, regressor 0.15) and raised the inner brows (browInnerUp median 0.29 vs 0.00). The brows, lips and
+# nose remain. Synthetic masks (rendered from the mesh's own labels) use all parts.
+LANDMARK_MASK_PART_WEIGHTS = (0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0)
 MIN_CELL = 1.0  # crop units; about the mesh's vertex spacing at a typical crop
 
 
