@@ -59,7 +59,7 @@ def check_assets() -> Path:
             missing.append(rel)
     media = None
     for root in search_roots():
-        if (root / "media" / VIDEOS[0]).is_file():
+        if (root / "media" / VIDEOS[0]).exists():  # a video file, or a folder of its frames (machines without PyAV)
             media = root / "media"
             break
     if media is None:
