@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 TOL = {  # (fp32 cuda, fp16 tensorrt)
-    "detector_regressors_px": (0.01, 0.5),
-    "detector_score": (1e-4, 5e-3),
+    # fp32 cuDNN sums the detector's 5x5 convolutions in another order than the CPU: 0.025 px / 1.9e-4 on an H200
+    "detector_regressors_px": (0.05, 0.5),
+    "detector_score": (5e-4, 5e-3),
     "landmarks_px": (0.02, 0.5),
     "landmark_score": (1e-4, 5e-3),
     "e2e_expression": (0.01, 0.05),
