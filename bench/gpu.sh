@@ -40,6 +40,9 @@ echo "gpu_check rc=$?"
 tail -3 "$OUT/prdl_tests.txt" 2>/dev/null
 
 step "engine benchmark (python -m engine.bench_gpu)"
+# one BLAS thread per process: the stream simulation runs a session process per core, and 16-thread BLAS
+# pools per process (the default on a 16-core machine) fight over the cores and spike the regressor's latency
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 timeout 240 python -m engine.bench_gpu --out "$OUT" "$@" > "$OUT/bench_gpu.log" 2>&1
 echo "bench_gpu rc=$?" | tee -a "$OUT/bench_gpu.log"
 cat "$OUT/bench_gpu.txt" 2>/dev/null || tail -30 "$OUT/bench_gpu.log"

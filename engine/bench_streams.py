@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import threading
 import time
 from multiprocessing import shared_memory
@@ -237,6 +238,10 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
     """Run `n_streams` simulated 30 fps streams for `seconds`; `pack` is this (network) process's pack."""
     from engine.batching import BatchScheduler
 
+    # a session process is one core's worth of work: without this, each would start a BLAS pool as wide as
+    # the machine, and those pools fight over the cores (latency spikes in the per-face regressor)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     ctx = mp.get_context("spawn")
     shms, meta = [], []
     for clip in clips:
