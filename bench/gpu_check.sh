@@ -8,7 +8,7 @@ mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
 } > "$OUT/machine.txt" 2>&1
-python -m pytest -q tests/test_prdl.py tests/test_raster.py > "$OUT/prdl_tests.txt" 2>&1
+python -m pytest -q -rs tests/test_prdl.py tests/test_raster.py tests/test_refine_batch.py > "$OUT/prdl_tests.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/prdl_tests.txt"
 python -m engine.prdl 20 > "$OUT/prdl_bench.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/prdl_bench.txt"
