@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU engines benchmark for a lent NVIDIA machine (no network, no package registry; torch CUDA 13, cupy,
-# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (80+80+240+60 s).
+# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (100+70+230+60 s).
 #   bash bench/gpu.sh            # on the GPU machine
 #   bash bench/gpu.sh --device cpu --streams 1,2   # the same steps on a CPU machine (checks the script)
 # Needs FACESTREAM_ASSETS (shared assets: ICT model, MediaPipe geometry, media) and the MediaPipe .tflite
@@ -30,12 +30,12 @@ if ! python -m engine.cli assets check > /dev/null 2>&1; then
 fi
 
 step "GPU backend and batching tests"
-timeout 80 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+timeout 100 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_tests.txt"
 tail -6 "$OUT/gpu_tests.txt"
 
 step "PRDL / raster GPU check (bench/gpu_check.sh)"
-timeout 80 bash bench/gpu_check.sh > /dev/null 2>&1
+timeout 70 bash bench/gpu_check.sh > /dev/null 2>&1
 echo "gpu_check rc=$?"
 tail -3 "$OUT/prdl_tests.txt" 2>/dev/null
 
@@ -43,7 +43,7 @@ step "engine benchmark (python -m engine.bench_gpu)"
 # one BLAS thread per process: the stream simulation runs a session process per core, and 16-thread BLAS
 # pools per process (the default on a 16-core machine) fight over the cores and spike the regressor's latency
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-timeout 240 python -m engine.bench_gpu --out "$OUT" "$@" > "$OUT/bench_gpu.log" 2>&1
+timeout 230 python -m engine.bench_gpu --out "$OUT" "$@" > "$OUT/bench_gpu.log" 2>&1
 echo "bench_gpu rc=$?" | tee -a "$OUT/bench_gpu.log"
 cat "$OUT/bench_gpu.txt" 2>/dev/null || tail -30 "$OUT/bench_gpu.log"
 

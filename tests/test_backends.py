@@ -145,7 +145,8 @@ def test_tensorrt_matches_cpu(pack, tmp_path, monkeypatch):
     lm = Landmarker(backend)
     assert backend.built and not backend.loaded
     _, xl = _real_inputs(pack, backend.device)
-    ref_pts, _ = TorchBackend().run(pack.landmarker.net, xl.cpu())
+    cpu = TorchBackend()  # its own CPU net: on a GPU machine `pack` runs on the GPU
+    ref_pts, _ = cpu.run(Landmarker(cpu).net, xl.cpu())
     pts, _ = backend.run(lm.net, xl)
     assert (pts.cpu() - ref_pts).abs().max() < 0.5  # fp16: half a pixel in the 192-px crop
     again = TensorRTBackend()
