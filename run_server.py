@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     prdl.add_argument("--no-prdl", dest="prdl", action="store_false", help="PRDL refinement off")
     p.add_argument("--batch-ms", type=float, help="batch the networks across sessions, collecting frames for "
                    "at most this many ms (default: 2 on a GPU backend, off on CPU; 0 turns it off)")
-    p.add_argument("--threads", type=int, help="torch threads for the networks (default: one per core, at most 4)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per network call (default 1: decoding, "
+                   "encoding, rendering and other sessions use the other cores)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 

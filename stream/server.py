@@ -53,7 +53,9 @@ class ServerConfig:
     render: bool = True  # return the rendered video when the client asks for it
     limits: Limits = field(default_factory=Limits)
     prdl: bool | None = None  # None: the tracker's default
-    threads: int | None = None  # torch intra-op threads (None: the backend's default)
+    # torch intra-op threads per network call: one, because the server runs decoding, encoding, rendering and
+    # other sessions beside it (bench-live, 2 cores: engine p95 58 -> 20 ms, frame -> message p95 106 -> 72 ms)
+    threads: int = 1
     batch_ms: float | None = None  # batch the networks across sessions, collecting this long; None: on GPU only
 
 
