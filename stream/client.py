@@ -87,7 +87,6 @@ class ClientResult:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
         faces = [m for m in self.messages if m.get("face")]
         engine = [m["timing_ms"]["engine"] for m in self.messages if "engine" in m.get("timing_ms", {})]
-        render = None
         return {
             "session": self.session, "frames_sent": self.frames_sent, "messages": len(self.messages),
             "faces": len(faces), "messages_per_s": round(len(self.messages) / max(self.duration_s, 1e-9), 2),
@@ -96,7 +95,7 @@ class ClientResult:
                            "p95": round(float(np.nanpercentile(lat, 95)), 1)},
             "engine_ms": None if not engine else {"p50": round(float(np.percentile(engine, 50)), 1),
                                                   "p95": round(float(np.percentile(engine, 95)), 1)},
-            "video_frames": self.video_frames, "render_ms": render, "unmatched": self.unmatched,
+            "video_frames": self.video_frames, "unmatched": self.unmatched,
         }
 
 

@@ -3,7 +3,7 @@
 Three tasks per session, joined only by one-slot mailboxes so no stage ever queues stale frames:
 
     read  (track.recv)   -> frame slot  -> track (engine thread) -> message out -> render slot
-    render (GL thread)   -> rendered-video track (one-slot; the encoder takes the newest)
+    render (render process, stream/render_worker.py) -> rendered-video track (one slot; the encoder takes the newest)
 
 A frame that arrives while the previous one is still being tracked replaces it in the slot and counts as
 dropped. An error in one frame is reported to this session and tracking goes on with the next.
@@ -25,8 +25,8 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from engine.messages import build_message
-from stream.calibrate import CAPTURES, capture_done, detach_profile, finish_capture, reattach_profile, start_identity
 from engine.render import STYLES
+from stream.calibrate import CAPTURES, capture_done, detach_profile, finish_capture, reattach_profile, start_identity
 from stream.metrics import Rate, Samples, StageTimes
 
 log = logging.getLogger("facestream.session")
@@ -114,7 +114,6 @@ class Session:
         self.closed = False
         self.last_error: str | None = None
         self.capture: Capture | None = None
-        self.profile_error: str | None = None
         # figures for /metrics
         self.received = self.processed = self.dropped = self.rate_limited = self.errors = 0
         self.messages_dropped = 0

@@ -2,7 +2,7 @@
 Chromium with a fake webcam fed by a shared face video, in a private network namespace) and copies its
 screenshots to docs/screens/.
 
-usage: FACESTREAM_ASSETS=../shared/assets python tools/page_screenshots.py
+usage: FACESTREAM_ASSETS=<assets folder> python tools/page_screenshots.py
 """
 from __future__ import annotations
 
