@@ -71,7 +71,9 @@ class RefineConfig:
     iterations: int = 3
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
-    damping: float = 1e-2
+    damping: float = 0.1
+    reselect: int = 99
+    gn_updates: int = 1  # iterations that rebuild the Gauss-Newton matrix (later ones reuse it)
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     candidates: int = 16  # candidate surface samples per target point (before visibility and cell grouping)
@@ -484,12 +486,15 @@ class PrdlRefiner:
         iters = np.zeros(B, np.int64)
         eye = xp.eye(n)
         for it in range(1, cfg.iterations + 1):
-            if it > 1:  # re-select the moved points once per iteration; trials below keep this selection
-                uvc, pcc = candidates(E, RC, T)
+            if 1 < it <= cfg.reselect:  # re-select the moved points once per iteration; trials below keep it
                 sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
-            # slots are filled from 0 in every part: work on the first pe, the most any part uses
-            pe = max(int(sel[4].sum(1).max()), 1)
-            smask = sel[4][:, :pe]
+            if it == 1 or it <= cfg.reselect:
+                # slots are filled from 0 in every part: work on the first pe, the most any part uses
+                pe = max(int(sel[4].sum(1).max()), 1)
+                smask = sel[4][:, :pe]
+                # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
+                rep = sel[3].reshape(B * q, pm)[:, :pe].reshape(-1)
+                sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
             uv = slot_points(sel, uvc)[:, :, :pe]
             terms = prdl.gauss_newton_terms(uv.reshape(B * q, pe, 2).astype(xp.float32), smask, tdesc, anchors,
                                             weights, target_valid=tvalid, channel_weights=chw, xp=xp)
@@ -498,14 +503,15 @@ class PrdlRefiner:
             if loss_before is None:
                 loss_before = cur
             total = cur + prior_cost(E)
-            # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
-            rep = sel[3].reshape(B * q, pm)[:, :pe].reshape(-1)
             pc_rep = pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
-            sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
-            jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pe, 2, n)
-            jtj, jtr = batched_normal_equations(jac.reshape(B * q, pe, 2, n).astype(xp.float32), terms, B,
-                                                mean_anchor_stride=cfg.mean_anchor_stride)
-            jtj, jtr = jtj.astype(xp.float64), jtr.astype(xp.float64)
+            jtr = slot_gradient(xp, terms.grad.reshape(B, q * pe, 2).astype(xp.float64), pc_rep, T, RC, sbasis,
+                                cam, aff)
+            if it <= cfg.gn_updates:  # later iterations keep this Gauss-Newton matrix (the gradient is fresh)
+                jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pe, 2, n)
+                jtj0, _ = batched_normal_equations(jac.reshape(B * q, pe, 2, n).astype(xp.float32), terms, B,
+                                                   mean_anchor_stride=cfg.mean_anchor_stride)
+                jtj0 = jtj0.astype(xp.float64)
+            jtj = jtj0.copy()
             Ef = E[:, fi]
             diag = (cfg.prior + tw) * xp.ones((B, nf))
             jtr[:, 6:] += cfg.prior * (Ef - P0[:, fi]) + tw * (Ef - Pv[:, fi])
@@ -524,10 +530,12 @@ class PrdlRefiner:
                 Tn = T + delta[:, 3:6]
                 En = E.copy()
                 En[:, fi] = xp.clip(Ef + delta[:, 6:], 0.0, 1.0)
-                uvn = slot_points(sel, candidates(En, RCn, Tn)[0])[:, :, :pe]
-                trial = prdl_residual_loss(uvn, smask)
+                uvcn, pccn = candidates(En, RCn, Tn)
+                trial = prdl_residual_loss(slot_points(sel, uvcn)[:, :, :pe], smask)
                 ok = pending & (trial + prior_cost(En) < total)
                 cur = xp.where(ok, trial, cur)
+                uvc = xp.where(ok[:, None, None], uvcn, uvc)
+                pcc = xp.where(ok[:, None, None], pccn, pcc)
                 RC = xp.where(ok[:, None, None], RCn, RC)
                 T = xp.where(ok[:, None], Tn, T)
                 E = xp.where(ok[:, None], En, E)
@@ -681,6 +689,24 @@ def slot_jacobian(xp, pc, T, RC, sbasis, cam, aff):
         out[:, :, i, 6:] = (ra[..., 0, None] * sbasis[:, :, 0] + ra[..., 1, None] * sbasis[:, :, 1]
                             + ra[..., 2, None] * sbasis[:, :, 2])
     return out
+
+
+def slot_gradient(xp, grad, pc, T, RC, sbasis, cam, aff):
+    """J^T r (B, 6 + n_e) of the slot Jacobian of `slot_jacobian` contracted with the loss gradient ``grad``
+    (B, S, 2) (= 2 J_point^T r), without forming the Jacobian: each point's 2D gradient becomes one camera-space
+    vector w = sum_i grad_i a_i, then rotation (pc - T) x w, translation w, expression (RC^T w) . basis."""
+    iz = 1.0 / pc[..., 2]
+    fx, fy = cam[:, None, 0], cam[:, None, 1]
+    gu = grad[..., 0] * aff[:, None, 0] + grad[..., 1] * aff[:, None, 2]  # d loss / d u (image pixels)
+    gv = grad[..., 0] * aff[:, None, 1] + grad[..., 1] * aff[:, None, 3]
+    w = xp.stack([gu * fx * iz, gv * fy * iz, -(gu * fx * pc[..., 0] + gv * fy * pc[..., 1]) * iz * iz], -1)
+    rw = xp.matmul(w, RC)  # (B, S, 3): RC^T w per point
+    B = pc.shape[0]
+    out = xp.empty((B, 6 + sbasis.shape[-1]))
+    out[:, :3] = xp.cross(pc - T[:, None, :], w).sum(1)
+    out[:, 3:6] = w.sum(1)
+    out[:, 6:] = xp.matmul(rw.reshape(B, 1, -1), sbasis.reshape(B, -1, sbasis.shape[-1]))[:, 0]
+    return 0.5 * out
 
 
 def batched_rodrigues(xp, w):
