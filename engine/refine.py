@@ -246,7 +246,7 @@ def splat_visibility(xp, occ_uv, occ_z, uv, z, cell, size: float, tol):
     The occluders splat their depth into a grid of ``cell`` (B,)-sized cells over [0, size]^2 (nearest depth
     per cell); a point is visible when it lies in the grid and its depth is within ``tol`` (scalar or (N,)) of
     its cell's nearest depth (or the cell is empty). ``cell`` should be about the occluders' vertex spacing.
-    One integer sort for all faces (cell, then quantised depth); runs on NumPy and CuPy."""
+    One integer sort for all faces (cell, then depth quantised to 1/4096 cm); runs on NumPy and CuPy."""
     B = occ_uv.shape[0]
     G = int(np.ceil(size / float(cell.min()))) + 1
     cellb = cell[:, None]
@@ -260,16 +260,19 @@ def splat_visibility(xp, occ_uv, occ_z, uv, z, cell, size: float, tol):
 
     ok_o, k_o = cells(occ_uv)
     ok_o &= xp.isfinite(occ_z)
-    zmin = float(xp.where(ok_o, occ_z, xp.inf).min()) if bool(ok_o.any()) else 0.0
-    zq = xp.clip((occ_z - zmin) * 4096.0, 0, (1 << 30) - 1).astype(xp.int64)  # 1/4096 cm steps
-    key = xp.where(ok_o, k_o * (1 << 30) + zq, B * G * G * (1 << 30)).reshape(-1)
-    order = xp.argsort(key, kind="stable")
-    sk = key[order] >> 30
+    zmin = xp.where(ok_o, occ_z, xp.inf).min(1, keepdims=True)  # per face
+    zmin = xp.where(xp.isfinite(zmin), zmin, 0.0)
+    zbits = 20  # depth in 1/4096 cm steps over 256 cm behind the face's nearest vertex
+    zq = xp.clip((occ_z - zmin) * 4096.0, 0, (1 << zbits) - 1).astype(xp.int64)
+    # one sort of (cell, depth) keys: the first key of each cell holds its nearest depth
+    sk = xp.sort(xp.where(ok_o, (k_o << zbits) + zq, B * G * G << zbits).reshape(-1))
+    cell_of = sk >> zbits
     first = xp.ones(sk.shape[0], bool)
-    first[1:] = sk[1:] != sk[:-1]
-    first &= sk < B * G * G
+    first[1:] = cell_of[1:] != cell_of[:-1]
+    first &= cell_of < B * G * G
     zb = xp.full(B * G * G, xp.inf)
-    zb[sk[first]] = occ_z.reshape(-1)[order[first]]
+    c = cell_of[first]
+    zb[c] = zmin[c // (G * G), 0] + (sk[first] & ((1 << zbits) - 1)) / 4096.0
     ok, k = cells(uv)
     return ok & (z <= zb[k] + tol)
 
@@ -369,9 +372,10 @@ class PrdlRefiner:
             free = np.nonzero(~self.fixed_exp)[0]
             C = len(self.cand_part)
             host = {"cand_part": self.cand_part, "exp_flat": self.exp_flat.astype(np.float32), "free_idx": free,
-                    "basis_free": np.ascontiguousarray(self.exp_basis_nk[:, :, free]).reshape(C, -1),
+                    "basis_free": np.ascontiguousarray(self.exp_basis_nk[:, :, free], np.float32).reshape(C, -1),
                     "neutral": self.neutral, "id_flat": self.id_flat, "face_neutral": self.face_neutral,
-                    "face_id_flat": self.face_id_flat, "face_exp": self.face_exp, "vis_tol": self.vis_tol}
+                    "face_id_flat": self.face_id_flat, "face_exp": self.face_exp.astype(np.float32),
+                    "vis_tol": self.vis_tol}
             self._dev[key] = {k: xp.asarray(v) for k, v in host.items()}
         return self._dev[key]
 
@@ -475,7 +479,7 @@ class PrdlRefiner:
 
         uvc, pcc = candidates(E, RC, T)
         # visibility, once per call: each candidate's depth against a point-splat z-buffer of the face surface
-        face_uv, face_pc = project(face_base + (E @ dev["face_exp"]).reshape(face_base.shape), RC, T)
+        face_uv, face_pc = project(face_base + (E.astype(xp.float32) @ dev["face_exp"]).reshape(face_base.shape), RC, T)
         px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
         visible = splat_visibility(xp, face_uv, face_pc[..., 2], uvc, pcc[..., 2], splat, CROP_UNITS, dev["vis_tol"])
@@ -504,11 +508,10 @@ class PrdlRefiner:
                 loss_before = cur
             total = cur + prior_cost(E)
             pc_rep = pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
-            jtr = slot_gradient(xp, terms.grad.reshape(B, q * pe, 2).astype(xp.float64), pc_rep, T, RC, sbasis,
-                                cam, aff)
+            jtr = slot_gradient(xp, terms.grad.reshape(B, q * pe, 2), pc_rep, T, RC, sbasis, cam, aff)
             if it <= cfg.gn_updates:  # later iterations keep this Gauss-Newton matrix (the gradient is fresh)
                 jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pe, 2, n)
-                jtj0, _ = batched_normal_equations(jac.reshape(B * q, pe, 2, n).astype(xp.float32), terms, B,
+                jtj0, _ = batched_normal_equations(jac.reshape(B * q, pe, 2, n), terms, B,
                                                    mean_anchor_stride=cfg.mean_anchor_stride)
                 jtj0 = jtj0.astype(xp.float64)
             jtj = jtj0.copy()
@@ -645,11 +648,16 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     fp = xp.arange(B)[:, None] * q + cand_part[None, :]  # flat (face, part)
     cellkey = (fp * K + (gy.astype(xp.int64) + H)) * K + (gx.astype(xp.int64) + H)
     big = (B * q) * K * K * 1024
-    key = xp.where(ok, cellkey * 1024 + dq, big).reshape(-1)
-    order = xp.argsort(key, kind="stable")  # ties: lowest candidate index, the same in any batch
+    # the candidate's index in its face in the low bits: unique keys, so a plain sort (much faster than a
+    # stable argsort) gives the same order in any batch (ties in cell and distance: lowest index first)
+    cbits = max(C - 1, 1).bit_length()
+    if (big << cbits).bit_length() > 62:
+        raise ValueError(f"select_cells: a batch of {B} faces x {C} candidates overflows the 64-bit sort keys")
+    key = xp.where(ok, cellkey * 1024 + dq, big)
     n_ok = int(ok.sum())
-    order = order[:n_ok]
-    sk = key[order] // 1024
+    skey = xp.sort(((key << cbits) + xp.arange(C)[None, :]).reshape(-1))[:n_ok]
+    sk = (skey >> cbits) // 1024
+    order = (sk // (K * K * q)) * C + (skey & ((1 << cbits) - 1))  # flat candidate index b*C + c
     new = xp.ones(n_ok, bool)
     new[1:] = sk[1:] != sk[:-1]
     starts = xp.nonzero(new)[0]
@@ -669,42 +677,58 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     return member, slot, count, rep, (count > 0).reshape(B * q, pm)
 
 
+def _projection_rows(xp, pc, cam, aff):
+    """d(crop x, crop y)/d(camera point) (B, S, 2, 3) of points ``pc`` (B, S, 3)."""
+    iz = 1.0 / pc[..., 2]
+    fx, fy = cam[:, None, 0] * iz, cam[:, None, 1] * iz
+    a = xp.empty(pc.shape[:2] + (2, 3), pc.dtype)
+    for i in range(2):
+        m0, m1 = aff[:, None, 2 * i], aff[:, None, 2 * i + 1]  # crop_i = m0 u + m1 v + b_i
+        a[:, :, i, 0] = m0 * fx
+        a[:, :, i, 1] = m1 * fy
+        a[:, :, i, 2] = -(a[:, :, i, 0] * pc[..., 0] + a[:, :, i, 1] * pc[..., 1]) * iz
+    return a
+
+
+def _cross(xp, r, a):
+    """r x a for r (..., 3) broadcast against a (..., k, 3)."""
+    out = xp.empty(a.shape, a.dtype)
+    out[..., 0] = r[..., 1] * a[..., 2] - r[..., 2] * a[..., 1]
+    out[..., 1] = r[..., 2] * a[..., 0] - r[..., 0] * a[..., 2]
+    out[..., 2] = r[..., 0] * a[..., 1] - r[..., 1] * a[..., 0]
+    return out
+
+
 def slot_jacobian(xp, pc, T, RC, sbasis, cam, aff):
     """d(crop point)/d(rotation increment, translation, expression) (B, S, 2, 6 + n_e) of points whose camera
     coordinates are ``pc`` (B, S, 3) = RC (model point) + T and whose expression deltas are ``sbasis``
-    (B, S, 3, n_e). Rotation increments are left-multiplied, d(pc) = w x (pc - T), so row i of the rotation
-    block is (pc - T) x a_i with a_i = d(crop_i)/d(pc); the expression block is (RC^T a_i) . basis."""
+    (B, S, 3, n_e), in ``sbasis``'s dtype. Rotation increments are left-multiplied, d(pc) = w x (pc - T), so
+    row i of the rotation block is (pc - T) x a_i with a_i = d(crop_i)/d(pc); the expression block is
+    (RC^T a_i) . basis."""
     B, S = pc.shape[:2]
-    nb = sbasis.shape[-1]
-    iz = 1.0 / pc[..., 2]
-    fx, fy = cam[:, None, 0], cam[:, None, 1]
-    rp = pc - T[:, None, :]
-    out = xp.empty((B, S, 2, 6 + nb))
-    for i in range(2):
-        m0, m1 = aff[:, None, 2 * i], aff[:, None, 2 * i + 1]  # crop_i = m0 u + m1 v + b_i
-        a = xp.stack([m0 * fx * iz, m1 * fy * iz, -(m0 * fx * pc[..., 0] + m1 * fy * pc[..., 1]) * iz * iz], -1)
-        out[:, :, i, :3] = xp.cross(rp, a)
-        out[:, :, i, 3:6] = a
-        ra = xp.matmul(a, RC)  # (B, S, 3): RC^T a per point
-        out[:, :, i, 6:] = (ra[..., 0, None] * sbasis[:, :, 0] + ra[..., 1, None] * sbasis[:, :, 1]
-                            + ra[..., 2, None] * sbasis[:, :, 2])
+    dt = sbasis.dtype
+    a = _projection_rows(xp, pc, cam, aff)  # (B, S, 2, 3)
+    out = xp.empty((B, S, 2, 6 + sbasis.shape[-1]), dt)
+    out[..., :3] = _cross(xp, (pc - T[:, None, :])[:, :, None, :], a)
+    out[..., 3:6] = a
+    ra = xp.matmul(a.reshape(B, S * 2, 3), RC).reshape(B, S, 2, 3).astype(dt)  # RC^T a per row
+    out[..., 6:] = xp.matmul(ra, sbasis)
     return out
 
 
 def slot_gradient(xp, grad, pc, T, RC, sbasis, cam, aff):
     """J^T r (B, 6 + n_e) of the slot Jacobian of `slot_jacobian` contracted with the loss gradient ``grad``
     (B, S, 2) (= 2 J_point^T r), without forming the Jacobian: each point's 2D gradient becomes one camera-space
-    vector w = sum_i grad_i a_i, then rotation (pc - T) x w, translation w, expression (RC^T w) . basis."""
-    iz = 1.0 / pc[..., 2]
-    fx, fy = cam[:, None, 0], cam[:, None, 1]
-    gu = grad[..., 0] * aff[:, None, 0] + grad[..., 1] * aff[:, None, 2]  # d loss / d u (image pixels)
-    gv = grad[..., 0] * aff[:, None, 1] + grad[..., 1] * aff[:, None, 3]
-    w = xp.stack([gu * fx * iz, gv * fy * iz, -(gu * fx * pc[..., 0] + gv * fy * pc[..., 1]) * iz * iz], -1)
-    rw = xp.matmul(w, RC)  # (B, S, 3): RC^T w per point
+    vector w = sum_i grad_i a_i, then rotation sum (pc - T) x w, translation sum w, expression
+    sum (RC^T w) . basis."""
     B = pc.shape[0]
+    a = _projection_rows(xp, pc, cam, aff)
+    w = (grad[..., 0, None] * a[:, :, 0] + grad[..., 1, None] * a[:, :, 1])  # (B, S, 3)
+    m = xp.matmul((pc - T[:, None, :]).transpose(0, 2, 1), w)  # sum of r w^T: its antisymmetric part is sum r x w
     out = xp.empty((B, 6 + sbasis.shape[-1]))
-    out[:, :3] = xp.cross(pc - T[:, None, :], w).sum(1)
+    out[:, 0], out[:, 1], out[:, 2] = m[:, 1, 2] - m[:, 2, 1], m[:, 2, 0] - m[:, 0, 2], m[:, 0, 1] - m[:, 1, 0]
     out[:, 3:6] = w.sum(1)
+    rw = xp.matmul(w, RC).astype(sbasis.dtype)  # (B, S, 3): RC^T w per point
     out[:, 6:] = xp.matmul(rw.reshape(B, 1, -1), sbasis.reshape(B, -1, sbasis.shape[-1]))[:, 0]
     return 0.5 * out
 
