@@ -260,7 +260,10 @@ def descriptor_values(points, mask, anchors, xp=None, eps: float = EPS):
     xp.sqrt(d, out=d)
     dt = d.dtype
     mean = xp.matmul(d, mask.astype(dt)[..., None])[..., 0] / xp.maximum(counts, 1).astype(dt)[:, None]
-    desc = xp.stack([d.min(-1), d.max(-1), mean], -1)
+    desc = xp.empty(d.shape[:2] + (3,), dt)
+    desc[..., 0] = xp.take_along_axis(d, d.argmin(-1)[..., None], -1)[..., 0]  # arg-reductions: faster than min
+    desc[..., 1] = xp.take_along_axis(d, d.argmax(-1)[..., None], -1)[..., 0]
+    desc[..., 2] = mean
     desc *= (counts > 0).astype(dt)[:, None, None]
     return desc
 
@@ -271,22 +274,22 @@ def _sq_distances(pts, mask, anchors, eps, xp):
     parts, pm, _ = pts.shape
     dt = pts.dtype
     filled, first = _fill_invalid(pts, mask, xp)
-    c = anchors.mean(-2, keepdims=True)
+    c = anchors.sum(-2, keepdims=True) * dt.type(1.0 / anchors.shape[-2])
     a = anchors - c
     v = filled - (c if anchors.ndim == 3 else c[None])
     a_aug = xp.empty(a.shape[:-1] + (4,), dt)
     a_aug[..., :2] = a
-    a_aug[..., 2] = (a * a).sum(-1)
+    a_aug[..., 2] = a[..., 0] * a[..., 0] + a[..., 1] * a[..., 1]
     a_aug[..., 3] = 1.0
     v_aug = xp.empty((parts, 4, pm), dt)
     v_aug[:, 0] = -2.0 * v[..., 0]
     v_aug[:, 1] = -2.0 * v[..., 1]
     v_aug[:, 2] = 1.0
-    v_aug[:, 3] = (v * v).sum(-1) + eps
+    v_aug[:, 3] = v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + dt.type(eps)
     d = xp.matmul(a_aug, v_aug)
     bound = 64 * float(xp.finfo(dt).eps) * (float(a_aug[..., 2].max()) + float(v_aug[:, 3].max()))
     if eps <= bound:
-        xp.maximum(d, eps, out=d)
+        xp.maximum(d, dt.type(eps), out=d)
     return d, mask.sum(1), filled, first
 
 
