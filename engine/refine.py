@@ -72,7 +72,6 @@ class RefineConfig:
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 0.1
-    reselect: int = 99
     gn_updates: int = 1  # iterations that rebuild the Gauss-Newton matrix (later ones reuse it)
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
@@ -358,8 +357,8 @@ class PrdlRefiner:
         hit = self._id_cache.get(key)
         if hit is None:
             ident = np.asarray(identity, np.float64)
-            hit = (self.neutral + (ident @ self.id_flat).reshape(-1, 3),
-                   self.face_neutral + (ident @ self.face_id_flat).reshape(-1, 3))
+            hit = ((self.neutral + (ident @ self.id_flat).reshape(-1, 3)).astype(np.float32),
+                   (self.face_neutral + (ident @ self.face_id_flat).reshape(-1, 3)).astype(np.float32))
             if len(self._id_cache) > 8:
                 self._id_cache.clear()
             self._id_cache[key] = hit
@@ -440,18 +439,24 @@ class PrdlRefiner:
             base, face_base = (a[None] for a in self._identity_bases(idents[0]))
         else:
             ident = asx(np.stack(idents))
-            base = dev["neutral"] + (ident @ dev["id_flat"]).reshape(B, C, 3)
-            face_base = dev["face_neutral"] + (ident @ dev["face_id_flat"]).reshape(B, -1, 3)
+            base = (dev["neutral"] + (ident @ dev["id_flat"]).reshape(B, C, 3)).astype(xp.float32)
+            face_base = (dev["face_neutral"] + (ident @ dev["face_id_flat"]).reshape(B, -1, 3)).astype(xp.float32)
         rc0, t0 = RC.copy(), T.copy()
 
+        cam32, aff32 = cam.astype(xp.float32)[:, None], aff.astype(xp.float32)[:, None]
+
         def project(Xs, RC_, T_):
-            """Model points (B, S, 3) -> crop points (B, S, 2), camera points (B, S, 3)."""
-            pc = xp.matmul(Xs, RC_.transpose(0, 2, 1)) + T_[:, None, :]
-            u = cam[:, None, 0] * pc[..., 0] / pc[..., 2] + cam[:, None, 2]
-            v = cam[:, None, 1] * pc[..., 1] / pc[..., 2] + cam[:, None, 3]
-            x = aff[:, None, 0] * u + aff[:, None, 1] * v + aff[:, None, 4]
-            y = aff[:, None, 2] * u + aff[:, None, 3] * v + aff[:, None, 5]
-            return xp.stack([x, y], -1), pc
+            """Model points (B, S, 3) -> crop points (B, S, 2), camera points (B, S, 3), in float32 (1e-5 crop
+            units, a few nm on the face: far below what the masks resolve, half the memory traffic)."""
+            pc = xp.matmul(Xs, RC_.transpose(0, 2, 1).astype(xp.float32))
+            pc += T_.astype(xp.float32)[:, None, :]
+            iz = 1.0 / pc[..., 2]
+            u = cam32[..., 0] * pc[..., 0] * iz + cam32[..., 2]
+            v = cam32[..., 1] * pc[..., 1] * iz + cam32[..., 3]
+            out = xp.empty(pc.shape[:2] + (2,), xp.float32)
+            out[..., 0] = aff32[..., 0] * u + aff32[..., 1] * v + aff32[..., 4]
+            out[..., 1] = aff32[..., 2] * u + aff32[..., 3] * v + aff32[..., 5]
+            return out, pc
 
         def candidates(E_, RC_, T_):
             """Crop points (B, C, 2) and camera points (B, C, 3) of all candidates."""
@@ -460,22 +465,27 @@ class PrdlRefiner:
         def slot_points(sel, uvc):
             """Predicted points (B, q, pm, 2): the mean of each cell's member candidates."""
             member, slot, count = sel[0], sel[1], xp.maximum(sel[2], 1)
-            flat = uvc.reshape(-1, 2)[member]
-            x = xp.bincount(slot, weights=flat[:, 0], minlength=len(count)) / count
-            y = xp.bincount(slot, weights=flat[:, 1], minlength=len(count)) / count
-            return xp.stack([x, y], -1).reshape(B, q, pm, 2)
-
-        def prdl_residual_loss(uv, smask):
-            desc = prdl.descriptor_values(uv.reshape(B * q, -1, 2).astype(xp.float32), smask, anchors, xp)
-            used = tvalid & smask.any(1)
-            sw = xp.sqrt((weights * used / A)[:, None, None] * chw)
-            r = (desc - tdesc) * sw
-            return (r * r).reshape(B, -1).sum(1).astype(xp.float64)
+            xy = uvc.reshape(-1, 2)[member].reshape(-1)  # x, y interleaved: one bincount for both
+            sums = xp.bincount((2 * slot[:, None] + xp.arange(2)).reshape(-1), weights=xy, minlength=2 * len(count))
+            return (sums.reshape(-1, 2) / count[:, None]).reshape(B, q, pm, 2)
 
         def prior_cost(E_):
             d = (E_ - P0) * free
             dp = (E_ - Pv) * free
             return cfg.prior * (d * d).sum(1) + (tw[:, 0] * (dp * dp).sum(1))
+
+        def evaluate(E_, RC_, T_, projected=None):
+            """Everything an iteration needs at one parameter state: the candidates' projection, their cell
+            grouping (re-selected at every state: cells follow the moving points), the predicted points and the
+            PRDL residuals with their point gradient."""
+            uvc_, pcc_ = candidates(E_, RC_, T_) if projected is None else projected
+            sel_ = select_cells(xp, uvc_, visible, cand_part, cells, q, pm)
+            pe_ = max(int(sel_[4].sum(1).max()), 1)  # slots fill from 0 in every part: the first pe_ suffice
+            uv_ = slot_points(sel_, uvc_)[:, :, :pe_]
+            terms_ = prdl.gauss_newton_terms(uv_.reshape(B * q, pe_, 2).astype(xp.float32), sel_[4][:, :pe_], tdesc,
+                                             anchors, weights, target_valid=tvalid, channel_weights=chw, xp=xp)
+            r = xp.asarray(terms_.residuals, xp.float64).reshape(B, -1)
+            return _State(uvc_, pcc_, sel_, pe_, terms_, (r * r).sum(1))
 
         uvc, pcc = candidates(E, RC, T)
         # visibility, once per call: each candidate's depth against a point-splat z-buffer of the face surface
@@ -483,37 +493,25 @@ class PrdlRefiner:
         px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
         visible = splat_visibility(xp, face_uv, face_pc[..., 2], uvc, pcc[..., 2], splat, CROP_UNITS, dev["vis_tol"])
-        sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
-        loss_before = cur = None
+        st = evaluate(E, RC, T, (uvc, pcc))
+        loss_before = st.loss
         lam = xp.full(B, cfg.damping)
         alive = xp.ones(B, bool)
         iters = np.zeros(B, np.int64)
         eye = xp.eye(n)
         for it in range(1, cfg.iterations + 1):
-            if 1 < it <= cfg.reselect:  # re-select the moved points once per iteration; trials below keep it
-                sel = select_cells(xp, uvc, visible, cand_part, cells, q, pm)
-            if it == 1 or it <= cfg.reselect:
-                # slots are filled from 0 in every part: work on the first pe, the most any part uses
-                pe = max(int(sel[4].sum(1).max()), 1)
-                smask = sel[4][:, :pe]
-                # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
-                rep = sel[3].reshape(B * q, pm)[:, :pe].reshape(-1)
-                sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
-            uv = slot_points(sel, uvc)[:, :, :pe]
-            terms = prdl.gauss_newton_terms(uv.reshape(B * q, pe, 2).astype(xp.float32), smask, tdesc, anchors,
-                                            weights, target_valid=tvalid, channel_weights=chw, xp=xp)
-            r = xp.asarray(terms.residuals, xp.float64).reshape(B, -1)
-            cur = (r * r).sum(1)
-            if loss_before is None:
-                loss_before = cur
-            total = cur + prior_cost(E)
-            pc_rep = pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
-            jtr = slot_gradient(xp, terms.grad.reshape(B, q * pe, 2), pc_rep, T, RC, sbasis, cam, aff)
+            pe = st.pe
+            # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
+            rep = st.sel[3].reshape(B * q, pm)[:, :pe].reshape(-1)
+            sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
+            pc_rep = st.pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
+            jtr = slot_gradient(xp, st.terms.grad.reshape(B, q * pe, 2), pc_rep, T, RC, sbasis, cam, aff)
             if it <= cfg.gn_updates:  # later iterations keep this Gauss-Newton matrix (the gradient is fresh)
                 jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pe, 2, n)
-                jtj0, _ = batched_normal_equations(jac.reshape(B * q, pe, 2, n), terms, B,
+                jtj0, _ = batched_normal_equations(jac.reshape(B * q, pe, 2, n), st.terms, B,
                                                    mean_anchor_stride=cfg.mean_anchor_stride)
                 jtj0 = jtj0.astype(xp.float64)
+            total = st.loss + prior_cost(E)
             jtj = jtj0.copy()
             Ef = E[:, fi]
             diag = (cfg.prior + tw) * xp.ones((B, nf))
@@ -529,16 +527,13 @@ class PrdlRefiner:
             for _ in range(4):  # Levenberg-Marquardt: shrink the step until the objective drops
                 h = hh + eye * (lam[:, None] * (hdiag + 1e-6) + (1.0 - actf))[:, None, :]
                 delta = -xp.linalg.solve(h, (jtr * actf)[..., None])[..., 0]
+                delta *= pending[:, None]  # faces that are not trying a step are evaluated where they are
                 RCn = batched_rodrigues(xp, delta[:, :3]) @ RC
                 Tn = T + delta[:, 3:6]
                 En = E.copy()
-                En[:, fi] = xp.clip(Ef + delta[:, 6:], 0.0, 1.0)
-                uvcn, pccn = candidates(En, RCn, Tn)
-                trial = prdl_residual_loss(slot_points(sel, uvcn)[:, :, :pe], smask)
-                ok = pending & (trial + prior_cost(En) < total)
-                cur = xp.where(ok, trial, cur)
-                uvc = xp.where(ok[:, None, None], uvcn, uvc)
-                pcc = xp.where(ok[:, None, None], pccn, pcc)
+                En[:, fi] = xp.clip(E[:, fi] + delta[:, 6:], 0.0, 1.0)  # E: a face that took a step has moved
+                trial = evaluate(En, RCn, Tn)  # the trial's loss with its own cell selection
+                ok = pending & (trial.loss + prior_cost(En) < total)
                 RC = xp.where(ok[:, None, None], RCn, RC)
                 T = xp.where(ok[:, None], Tn, T)
                 E = xp.where(ok[:, None], En, E)
@@ -546,16 +541,15 @@ class PrdlRefiner:
                 pending = pending & ~ok
                 if not bool(pending.any()):
                     break
+            # every face's last evaluation is its state, unless it ended on a rejected step
+            st = trial if not bool(pending.any()) else evaluate(E, RC, T)
             iters += _host(alive).astype(np.int64)
             alive = alive & ~pending  # a face with no improving step is done
             if not bool(alive.any()):
                 break
-        if loss_before is None:  # no iterations
-            loss_before = prdl_residual_loss(slot_points(sel, uvc), sel[4])
-            cur = loss_before
-        loss_after = cur  # with the last iteration's point selection
+        loss_after, sel = st.loss, st.sel
         used = _host((tvalid & sel[4].any(1)).reshape(B, q))
-        worse = loss_after > loss_before  # re-selection can cost a little: never return worse than the start
+        worse = loss_after > loss_before  # (the prior can trade a little PRDL loss): never worse than the start
         RC = xp.where(worse[:, None, None], rc0, RC)
         T = xp.where(worse[:, None], t0, T)
         E = xp.where(worse[:, None], asx(np.array(e0)), E)
@@ -563,6 +557,18 @@ class PrdlRefiner:
         RC, T, E, lb, la = (_host(a) for a in (RC, T, E, loss_before, loss_after))
         return [RefineResult(RC[i], T[i], E[i], float(lb[i]), float(la[i]), int(iters[i]), [bool(u) for u in used[i]])
                 for i in range(B)]
+
+
+@dataclass
+class _State:
+    """One parameter state's evaluation inside `PrdlRefiner.refine_batch`."""
+
+    uvc: object  # (B, C, 2) crop points of all candidates
+    pcc: object  # (B, C, 3) their camera points
+    sel: tuple  # `select_cells` result
+    pe: int  # slots used per part
+    terms: prdl.GNTerms
+    loss: object  # (B,) PRDL loss
 
 
 @dataclass
