@@ -326,7 +326,9 @@ class PrdlRefiner:
         # covers, an unbiased picture of the region's extent): TARGET_SUB x TARGET_SUB points per pixel
         off = (np.arange(TARGET_SUB) + 0.5) / TARGET_SUB
         ox, oy = (a.reshape(-1) for a in np.meshgrid(off, off))
-        xy = np.stack([(cols[:, None] + ox[None]).reshape(-1), (rows[:, None] + oy[None]).reshape(-1)], 1) * k
+        xy = np.empty((len(rows) * len(ox), 2))
+        xy[:, 0] = ((cols[:, None] + ox[None]) * k).reshape(-1)
+        xy[:, 1] = ((rows[:, None] + oy[None]) * k).reshape(-1)
         part = np.repeat(part, len(ox))
         cells = np.maximum(np.sqrt(n_px * k * k / cfg.points), MIN_CELL)
         pts, mask, cells = cell_centroids(xy, part, cells, self.n_parts, self.pmax)
@@ -464,10 +466,13 @@ class PrdlRefiner:
 
         def slot_points(sel, uvc):
             """Predicted points (B, q, pm, 2): the mean of each cell's member candidates."""
-            member, slot, count = sel[0], sel[1], xp.maximum(sel[2], 1)
-            xy = uvc.reshape(-1, 2)[member].reshape(-1)  # x, y interleaved: one bincount for both
-            sums = xp.bincount((2 * slot[:, None] + xp.arange(2)).reshape(-1), weights=xy, minlength=2 * len(count))
-            return (sums.reshape(-1, 2) / count[:, None]).reshape(B, q, pm, 2)
+            member, slot, count, gstart, gslot = sel[0], sel[1], sel[2], sel[5], sel[6]
+            flat = uvc.reshape(-1, 2)
+            out = xp.zeros((len(count), 2))
+            n = xp.maximum(count[gslot], 1)
+            for k in range(2):
+                out[gslot, k] = _segment_sums(xp, flat[:, k][member], gstart, slot) / n
+            return out.reshape(B, q, pm, 2)
 
         def prior_cost(E_):
             d = (E_ - P0) * free
@@ -602,35 +607,47 @@ def anchor_grids(n: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def cell_centroids(xy: np.ndarray, part: np.ndarray, cells: np.ndarray, n_parts: int, pmax: int):
     """Centroids of the occupied cells of each part's grid (cell size ``cells[part]``, origin 0), for points
-    with non-negative coordinates (crop units).
+    with non-negative coordinates below 4096 cells (crop units).
 
     Returns (points (n_parts, pmax, 2), mask (n_parts, pmax), cells (n_parts,)); a part with more than ``pmax``
-    occupied cells gets a coarser cell (returned in ``cells``). Dense per-part grids and bincounts, no sort."""
+    occupied cells gets a coarser cell (returned in ``cells``). One sort of packed (part, cell y, cell x, index)
+    keys, then sums over the runs of equal cells."""
     cells = np.asarray(cells, np.float64).copy()
+    x, y = np.ascontiguousarray(xy[:, 0]), np.ascontiguousarray(xy[:, 1])
+    ib = max(len(x) - 1, 1).bit_length()
     while True:
-        c = cells[part]
-        gx = (xy[:, 0] / c).astype(np.int64)
-        gy = (xy[:, 1] / c).astype(np.int64)
-        G = int(max(gx.max(initial=0), gy.max(initial=0))) + 1
-        key = (part * G + gy) * G + gx
-        nb = n_parts * G * G
-        cnt = np.bincount(key, minlength=nb)
-        occ = np.nonzero(cnt)[0]
-        gpart = occ // (G * G)
+        inv = 1.0 / cells[part]
+        gx = np.minimum((x * inv).astype(np.int64), 4095)
+        gy = np.minimum((y * inv).astype(np.int64), 4095)
+        skey = np.sort((((part << 24) | (gy << 12) | gx) << ib) | np.arange(len(x)))
+        cell = skey >> ib
+        starts = np.flatnonzero(np.concatenate([[True], cell[1:] != cell[:-1]])) if len(cell) else np.zeros(0, int)
+        gpart = cell[starts] >> 24
         per = np.bincount(gpart, minlength=n_parts)
         over = per > pmax
         if not over.any():
             break
         cells[over] *= np.sqrt(per[over] / pmax) * 1.05
-    sx = np.bincount(key, xy[:, 0], minlength=nb)[occ]
-    sy = np.bincount(key, xy[:, 1], minlength=nb)[occ]
-    n = cnt[occ]
-    rank = np.arange(len(occ)) - (np.cumsum(per) - per)[gpart]
+    order = skey & ((1 << ib) - 1)
+    n = np.diff(np.append(starts, len(order)))
+    sx = np.add.reduceat(x[order], starts) if len(starts) else np.zeros(0)
+    sy = np.add.reduceat(y[order], starts) if len(starts) else np.zeros(0)
+    rank = np.arange(len(starts)) - (np.cumsum(per) - per)[gpart]
     pts = np.zeros((n_parts, pmax, 2))
     mask = np.zeros((n_parts, pmax), bool)
-    pts[gpart, rank] = np.column_stack([sx / n, sy / n])
+    pts[gpart, rank, 0] = sx / n
+    pts[gpart, rank, 1] = sy / n
     mask[gpart, rank] = True
     return pts, mask, cells
+
+
+def _segment_sums(xp, values, starts, segment_of):
+    """Sums of the runs of ``values`` that begin at ``starts`` (segment ``segment_of[i]`` of each value, runs in
+    order): NumPy's reduceat, several times faster than a weighted bincount; elsewhere (CuPy) the bincount."""
+    if xp is np:
+        return np.add.reduceat(values.astype(np.float64), starts) if len(starts) else np.zeros(0)
+    ids = xp.cumsum(xp.concatenate([xp.zeros(1, bool), segment_of[1:] != segment_of[:-1]]))
+    return xp.bincount(ids, weights=values.astype(xp.float64), minlength=len(starts))
 
 
 def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
@@ -640,35 +657,37 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     candidates of each (face, part) are grouped by grid cell; each group is one predicted point, the mean of
     its members. Returns (member (M,) flat candidate index b*C + c, slot (M,) flat slot (b*q + p)*pm + k,
     count (B*q*pm,), rep (B*q*pm,) the member nearest its cell's centre (flat candidate index), slot mask
-    (B*q, pm)). Groups beyond ``pm`` per part are dropped (cell sizes are chosen so that this is rare).
+    (B*q, pm), gstart (G,) where each group's members start in ``member`` (groups are contiguous there),
+    gslot (G,) each group's slot). Groups beyond ``pm`` per part are dropped (cell sizes are chosen so that this is rare).
     Only sorts, cumulative sums and bincounts: the same code runs on NumPy and CuPy."""
     B, C, _ = uv.shape
-    K, H = 1024, 512
-    cellc = cells[:, cand_part]  # (B, C)
-    fx = uv[..., 0] / cellc
-    fy = uv[..., 1] / cellc
-    gx = xp.floor(fx)
-    gy = xp.floor(fy)
-    ok = visible & (gx > -H) & (gx < H) & (gy > -H) & (gy < H)
-    dq = xp.minimum(((fx - gx - 0.5) ** 2 + (fy - gy - 0.5) ** 2) * 2048.0, 1023.0).astype(xp.int64)
+    H = 512  # cells per axis either side of 0: keys hold cell x and y in 10 bits each
+    inv = (1.0 / cells[:, cand_part]).astype(uv.dtype)  # (B, C)
+    fx, fy = uv[..., 0] * inv, uv[..., 1] * inv  # in cells (planar: interleaved-axis ops are slow in NumPy)
+    gx, gy = xp.floor(fx), xp.floor(fy)
+    ok = visible & (gx >= -H) & (gx < H) & (gy >= -H) & (gy < H)
+    fx -= gx + 0.5
+    fy -= gy + 0.5
+    dq = xp.minimum((fx * fx + fy * fy) * 2048.0, 1023.0).astype(xp.int64)  # 10 bits
+    gx = (gx + H).astype(xp.int64) & 1023
+    gy = (gy + H).astype(xp.int64) & 1023
     fp = xp.arange(B)[:, None] * q + cand_part[None, :]  # flat (face, part)
-    cellkey = (fp * K + (gy.astype(xp.int64) + H)) * K + (gx.astype(xp.int64) + H)
-    big = (B * q) * K * K * 1024
-    # the candidate's index in its face in the low bits: unique keys, so a plain sort (much faster than a
-    # stable argsort) gives the same order in any batch (ties in cell and distance: lowest index first)
+    # key = face-part | cell y | cell x | distance to the cell centre | candidate index in its face: unique,
+    # so a plain sort (much faster than a stable argsort) gives the same order in any batch
     cbits = max(C - 1, 1).bit_length()
-    if (big << cbits).bit_length() > 62:
+    big = B * q
+    if ((big + 1) << (30 + cbits)).bit_length() > 63:
         raise ValueError(f"select_cells: a batch of {B} faces x {C} candidates overflows the 64-bit sort keys")
-    key = xp.where(ok, cellkey * 1024 + dq, big)
+    cell = (xp.where(ok, fp, big) << 20) | (gy << 10) | gx
     n_ok = int(ok.sum())
-    skey = xp.sort(((key << cbits) + xp.arange(C)[None, :]).reshape(-1))[:n_ok]
-    sk = (skey >> cbits) // 1024
-    order = (sk // (K * K * q)) * C + (skey & ((1 << cbits) - 1))  # flat candidate index b*C + c
+    skey = xp.sort(((((cell << 10) | dq) << cbits) | xp.arange(C)[None, :]).reshape(-1))[:n_ok]
+    sk = skey >> (10 + cbits)  # cell
+    order = ((sk >> 20) // q) * C + (skey & ((1 << cbits) - 1))  # flat candidate index b*C + c
     new = xp.ones(n_ok, bool)
     new[1:] = sk[1:] != sk[:-1]
     starts = xp.nonzero(new)[0]
     gid = xp.cumsum(new) - 1
-    gpart = sk[starts] // (K * K)
+    gpart = sk[starts] >> 20
     cnt = xp.bincount(gpart, minlength=B * q)
     rank = xp.arange(len(starts)) - (xp.cumsum(cnt) - cnt)[gpart]
     keep_g = rank < pm
@@ -679,8 +698,11 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     S = B * q * pm
     count = xp.bincount(slot, minlength=S)
     rep = xp.zeros(S, xp.int64)
-    rep[slot_g[keep_g]] = order[starts[keep_g]]
-    return member, slot, count, rep, (count > 0).reshape(B * q, pm)
+    gslot = slot_g[keep_g]
+    rep[gslot] = order[starts[keep_g]]
+    gcount = count[gslot]
+    gstart = xp.cumsum(gcount) - gcount  # each kept group's first position in ``member``
+    return member, slot, count, rep, (count > 0).reshape(B * q, pm), gstart, gslot
 
 
 def _projection_rows(xp, pc, cam, aff):

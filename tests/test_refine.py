@@ -17,8 +17,10 @@ def test_target_and_prediction_cells_agree():
     pts, mask, cells_out = cell_centroids(xy, part, cells, 3, 160)
     assert np.array_equal(cells_out, cells)
     # one face, every candidate visible
-    member, slot, count, rep, smask = select_cells(np, xy[None], np.ones((1, 400), bool), part, cells[None], 3, 160)
+    member, slot, count, rep, smask, gstart, gslot = select_cells(np, xy[None], np.ones((1, 400), bool), part,
+                                                                  cells[None], 3, 160)
     assert np.array_equal(smask, mask)
+    assert np.array_equal(np.sort(gslot), np.nonzero(count)[0]) and np.array_equal(slot[gstart], gslot)
     x = np.bincount(slot, xy[member, 0], minlength=3 * 160) / np.maximum(count, 1)
     y = np.bincount(slot, xy[member, 1], minlength=3 * 160) / np.maximum(count, 1)
     assert np.allclose(np.stack([x, y], -1).reshape(3, 160, 2)[mask], pts[mask])
@@ -138,3 +140,21 @@ def test_loss_optimum_is_near_the_truth(model, refiner):
         moved.append(np.degrees(np.arccos(np.clip((np.trace(res.rotation_cam.T @ face.rotation_cam) - 1) / 2, -1, 1))))
     assert np.mean(ious) > 0.85, f"mean part IoU after refining from the truth: {np.mean(ious):.3f}"
     assert np.mean(moved) < 1.0, f"rotation drift from the truth: {np.mean(moved):.2f} deg"
+
+
+def test_segment_sums_branches_agree():
+    """NumPy sums runs with reduceat; other array modules (CuPy) with a bincount over run ids: same sums."""
+    import types
+
+    from engine.refine import _segment_sums
+
+    rng = np.random.default_rng(0)
+    seg = np.sort(rng.integers(0, 40, 500))  # non-decreasing segment of each value, runs in order
+    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+    vals = rng.normal(size=500).astype(np.float32)
+    other = types.SimpleNamespace(**{k: getattr(np, k) for k in ("cumsum", "concatenate", "zeros", "bincount",
+                                                                 "float64")})
+    a = _segment_sums(np, vals, starts, seg)
+    b = _segment_sums(other, vals, starts, seg)
+    ref = np.array([vals[seg == s].astype(np.float64).sum() for s in np.unique(seg)])
+    assert np.allclose(a, ref) and np.allclose(b, ref)
