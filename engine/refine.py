@@ -479,17 +479,24 @@ class PrdlRefiner:
             dp = (E_ - Pv) * free
             return cfg.prior * (d * d).sum(1) + (tw[:, 0] * (dp * dp).sum(1))
 
-        def evaluate(E_, RC_, T_, projected=None):
+        def evaluate(E_, RC_, T_, projected=None, gradient=True):
             """Everything an iteration needs at one parameter state: the candidates' projection, their cell
             grouping (re-selected at every state: cells follow the moving points), the predicted points and the
-            PRDL residuals with their point gradient."""
+            PRDL loss with (``gradient``) its residuals' point Jacobian terms."""
             uvc_, pcc_ = candidates(E_, RC_, T_) if projected is None else projected
             sel_ = select_cells(xp, uvc_, visible, cand_part, cells, q, pm)
             pe_ = max(int(sel_[4].sum(1).max()), 1)  # slots fill from 0 in every part: the first pe_ suffice
-            uv_ = slot_points(sel_, uvc_)[:, :, :pe_]
-            terms_ = prdl.gauss_newton_terms(uv_.reshape(B * q, pe_, 2).astype(xp.float32), sel_[4][:, :pe_], tdesc,
-                                             anchors, weights, target_valid=tvalid, channel_weights=chw, xp=xp)
-            r = xp.asarray(terms_.residuals, xp.float64).reshape(B, -1)
+            uv_ = slot_points(sel_, uvc_)[:, :, :pe_].reshape(B * q, pe_, 2).astype(xp.float32)
+            smask = sel_[4][:, :pe_]
+            if gradient:
+                terms_ = prdl.gauss_newton_terms(uv_, smask, tdesc, anchors, weights, target_valid=tvalid,
+                                                 channel_weights=chw, xp=xp)
+                r = terms_.residuals
+            else:  # the last trials: only their loss decides
+                terms_ = None
+                sw = xp.sqrt((weights * (tvalid & smask.any(1)) / A)[:, None, None] * chw)
+                r = (prdl.descriptor_values(uv_, smask, anchors, xp) - tdesc) * sw
+            r = xp.asarray(r, xp.float64).reshape(B, -1)
             return _State(uvc_, pcc_, sel_, pe_, terms_, (r * r).sum(1))
 
         uvc, pcc = candidates(E, RC, T)
@@ -537,7 +544,7 @@ class PrdlRefiner:
                 Tn = T + delta[:, 3:6]
                 En = E.copy()
                 En[:, fi] = xp.clip(E[:, fi] + delta[:, 6:], 0.0, 1.0)  # E: a face that took a step has moved
-                trial = evaluate(En, RCn, Tn)  # the trial's loss with its own cell selection
+                trial = evaluate(En, RCn, Tn, gradient=it < cfg.iterations)  # loss with its own cell selection
                 ok = pending & (trial.loss + prior_cost(En) < total)
                 RC = xp.where(ok[:, None, None], RCn, RC)
                 T = xp.where(ok[:, None], Tn, T)
@@ -547,7 +554,7 @@ class PrdlRefiner:
                 if not bool(pending.any()):
                     break
             # every face's last evaluation is its state, unless it ended on a rejected step
-            st = trial if not bool(pending.any()) else evaluate(E, RC, T)
+            st = trial if not bool(pending.any()) else evaluate(E, RC, T, gradient=it < cfg.iterations)
             iters += _host(alive).astype(np.int64)
             alive = alive & ~pending  # a face with no improving step is done
             if not bool(alive.any()):
@@ -572,7 +579,7 @@ class _State:
     pcc: object  # (B, C, 3) their camera points
     sel: tuple  # `select_cells` result
     pe: int  # slots used per part
-    terms: prdl.GNTerms
+    terms: prdl.GNTerms | None  # None after the last iteration (only the loss is needed)
     loss: object  # (B,) PRDL loss
 
 
