@@ -69,6 +69,7 @@ class RefineConfig:
     anchor_margin: float = 0.35  # local grids extend this fraction of the part's size beyond it
     points: int = 96  # about this many points per part, target and prediction alike
     iterations: int = 3
+    tolerance: float = 0.02  # stop once an iteration lowers the objective by less than this fraction
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 0.1
@@ -141,6 +142,7 @@ def _chain_points(chain: np.ndarray, layout: np.ndarray, us: np.ndarray) -> tupl
 TRI_SUB = 2
 TARGET_SUB = 2
 EYE_VIS_TOL = 0.15
+VIS_MIN_WEIGHT = 0.02  # expression weights below this are left out of the occluding surface (< 0.1 cm shift)
 EYE_RING = 1  # the lids' front edge: this many vertex rings outward from the face surface's eye hole
 
 
@@ -353,6 +355,10 @@ class PrdlRefiner:
         k = CROP_UNITS / masks.size
         return m * k, (o + 0.5) * k
 
+    def prepare_identity(self, identity: np.ndarray) -> None:
+        """Compute an identity's shapes ahead of its frames (tracking holds the identity: done once per person)."""
+        self._identity_bases(identity)
+
     def _identity_bases(self, identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate and face-surface neutral shapes for an identity (cached: identity is held while tracking)."""
         key = np.asarray(identity, np.float64).tobytes()
@@ -361,22 +367,28 @@ class PrdlRefiner:
             ident = np.asarray(identity, np.float64)
             hit = ((self.neutral + (ident @ self.id_flat).reshape(-1, 3)).astype(np.float32),
                    (self.face_neutral + (ident @ self.face_id_flat).reshape(-1, 3)).astype(np.float32))
-            if len(self._id_cache) > 8:
+            if len(self._id_cache) > 64:
                 self._id_cache.clear()
             self._id_cache[key] = hit
         return hit
 
-    def _device_arrays(self, xp) -> dict:
-        """The refiner's constant arrays on ``xp`` (uploaded once per array module)."""
-        key = xp.__name__
+    def _device_arrays(self, xp, parts: tuple[int, ...]) -> dict:
+        """The refiner's constant arrays on ``xp`` for the candidates of ``parts`` (uploaded once per array
+        module and part set: a part that no face weighs is left out of the whole solve)."""
+        key = (xp.__name__, parts)
         if key not in self._dev:
             free = np.nonzero(~self.fixed_exp)[0]
-            C = len(self.cand_part)
-            host = {"cand_part": self.cand_part, "exp_flat": self.exp_flat.astype(np.float32), "free_idx": free,
-                    "basis_free": np.ascontiguousarray(self.exp_basis_nk[:, :, free], np.float32).reshape(C, -1),
-                    "neutral": self.neutral, "id_flat": self.id_flat, "face_neutral": self.face_neutral,
-                    "face_id_flat": self.face_id_flat, "face_exp": self.face_exp.astype(np.float32),
-                    "vis_tol": self.vis_tol}
+            sub = np.nonzero(np.isin(self.cand_part, parts))[0]
+            C, n_exp, n_id = len(sub), self.model.n_exp, self.model.n_id
+            renumber = np.full(self.n_parts, -1, np.int64)
+            renumber[list(parts)] = np.arange(len(parts))
+            host = {"cand_sub": sub, "cand_part": renumber[self.cand_part[sub]],
+                    "exp_flat": self.exp_flat.reshape(n_exp, -1, 3)[:, sub].reshape(n_exp, -1).astype(np.float32),
+                    "free_idx": free,
+                    "basis_free": np.ascontiguousarray(self.exp_basis_nk[sub][:, :, free], np.float32).reshape(C, -1),
+                    "neutral": self.neutral[sub], "id_flat": self.id_flat.reshape(n_id, -1, 3)[:, sub].reshape(n_id, -1),
+                    "face_neutral": self.face_neutral, "face_id_flat": self.face_id_flat,
+                    "face_exp": self.face_exp.astype(np.float32), "vis_tol": self.vis_tol[sub]}
             self._dev[key] = {k: xp.asarray(v) for k, v in host.items()}
         return self._dev[key]
 
@@ -398,7 +410,7 @@ class PrdlRefiner:
         B = len(problems)
         if B == 0:
             return []
-        q, pm, n_e = self.n_parts, self.pmax, self.model.n_exp
+        pm, n_e = self.pmax, self.model.n_exp
         # ---- host side: a few small arrays per face (targets are prepared by `targets`)
         aff, cam, e0, prior, prev, has_prev, idents = [], [], [], [], [], [], []
         for pr in problems:
@@ -411,13 +423,20 @@ class PrdlRefiner:
             prev.append(np.zeros(n_e) if pr.exp_prev is None else np.asarray(pr.exp_prev, np.float64))
             has_prev.append(pr.exp_prev is not None)
             idents.append(np.asarray(pr.identity, np.float64))
+        pw = np.stack([np.asarray(cfg.part_weights if pr.part_weights is None else pr.part_weights, np.float32)
+                       for pr in problems])
+        parts = tuple(int(p) for p in np.nonzero((pw != 0).any(0))[0])  # parts some face weighs
+        if not parts:
+            parts = (0,)  # nothing weighed: a solve that only the prior moves
+        q = len(parts)
         A = max(int(pr.targets.anchors.shape[-2]) for pr in problems)
-        anchors = np.stack([np.broadcast_to(pr.targets.anchors, (q, A, 2)) for pr in problems]).reshape(B * q, A, 2)
-        tdesc = np.stack([pr.targets.desc for pr in problems]).reshape(B * q, A, 3)
-        tvalid = np.stack([pr.targets.valid for pr in problems]).reshape(-1)
-        cells = np.stack([pr.targets.cells for pr in problems])
+        anchors = np.stack([np.broadcast_to(pr.targets.anchors, (self.n_parts, A, 2))[list(parts)]
+                            for pr in problems]).reshape(B * q, A, 2)
+        tdesc = np.stack([pr.targets.desc[list(parts)] for pr in problems]).reshape(B * q, A, 3)
+        tvalid = np.stack([pr.targets.valid[list(parts)] for pr in problems]).reshape(-1)
+        cells = np.stack([pr.targets.cells[list(parts)] for pr in problems])
         asx = xp.asarray
-        dev = self._device_arrays(xp)
+        dev = self._device_arrays(xp, parts)
         aff = asx(np.array(aff))
         cam = asx(np.array(cam, np.float64))
         E = asx(np.array(e0))
@@ -427,18 +446,19 @@ class PrdlRefiner:
         T = asx(np.stack([np.asarray(pr.translation, np.float64) for pr in problems]))
         anchors, tdesc = asx(anchors.astype(np.float32)), asx(tdesc.astype(np.float32))
         tvalid, cells = asx(tvalid), asx(cells)
-        weights = asx(np.concatenate([np.asarray(cfg.part_weights if pr.part_weights is None else pr.part_weights,
-                                                 np.float32) for pr in problems]))
+        weights = asx(pw[:, list(parts)].reshape(-1))
         free = asx(~self.fixed_exp)
         chw = asx(np.asarray(cfg.channel_weights, np.float32))
         cand_part, exp_flat, basis_c = dev["cand_part"], dev["exp_flat"], dev["basis_free"]
-        C = len(self.cand_part)
+        C = int(cand_part.shape[0])
         fi = dev["free_idx"]
         nf = int(fi.shape[0])
         n = 6 + nf
         # identity-dependent shapes (cached on the host while tracking one person), then visibility
-        if xp is np and B == 1:
-            base, face_base = (a[None] for a in self._identity_bases(idents[0]))
+        if xp is np:  # per face from the identity cache (tracking holds each person's identity)
+            hit = [self._identity_bases(ident) for ident in idents]
+            base = np.stack([b[dev["cand_sub"]] for b, _ in hit])
+            face_base = np.stack([f for _, f in hit])
         else:
             ident = asx(np.stack(idents))
             base = (dev["neutral"] + (ident @ dev["id_flat"]).reshape(B, C, 3)).astype(xp.float32)
@@ -462,7 +482,8 @@ class PrdlRefiner:
 
         def candidates(E_, RC_, T_):
             """Crop points (B, C, 2) and camera points (B, C, 3) of all candidates."""
-            return project(base + (E_.astype(xp.float32) @ exp_flat).reshape(base.shape), RC_, T_)  # f32: ~1e-5 cm
+            # one (1, n_exp) product per face: the same rounding in any batch; f32: ~1e-5 cm
+            return project(base + (E_.astype(xp.float32)[:, None, :] @ exp_flat)[:, 0].reshape(base.shape), RC_, T_)
 
         def slot_points(sel, uvc):
             """Predicted points (B, q, pm, 2): the mean of each cell's member candidates."""
@@ -501,7 +522,12 @@ class PrdlRefiner:
 
         uvc, pcc = candidates(E, RC, T)
         # visibility, once per call: each candidate's depth against a point-splat z-buffer of the face surface
-        face_uv, face_pc = project(face_base + (E.astype(xp.float32) @ dev["face_exp"]).reshape(face_base.shape), RC, T)
+        # (only the expressions above VIS_MIN_WEIGHT in some face: the surface's basis is the largest array a call
+        # reads, and the depth test tolerates the millimetre a smaller weight moves a vertex)
+        Ev = xp.where(E > VIS_MIN_WEIGHT, E, 0.0).astype(xp.float32)  # per face, whatever else is in the batch
+        shapes = xp.nonzero((Ev > 0).any(0))[0]
+        face = face_base + (Ev[:, None, shapes] @ dev["face_exp"][shapes])[:, 0].reshape(face_base.shape)
+        face_uv, face_pc = project(face, RC, T)
         px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
         visible = splat_visibility(xp, face_uv, face_pc[..., 2], uvc, pcc[..., 2], splat, CROP_UNITS, dev["vis_tol"])
@@ -556,11 +582,14 @@ class PrdlRefiner:
             # every face's last evaluation is its state, unless it ended on a rejected step
             st = trial if not bool(pending.any()) else evaluate(E, RC, T, gradient=it < cfg.iterations)
             iters += _host(alive).astype(np.int64)
-            alive = alive & ~pending  # a face with no improving step is done
+            # a face is done when no step improves it, or when the last one gained less than ``tolerance``
+            converged = (total - (st.loss + prior_cost(E))) < cfg.tolerance * total
+            alive = alive & ~pending & ~converged
             if not bool(alive.any()):
                 break
         loss_after, sel = st.loss, st.sel
-        used = _host((tvalid & sel[4].any(1)).reshape(B, q))
+        used = np.zeros((B, self.n_parts), bool)
+        used[:, list(parts)] = _host((tvalid & sel[4].any(1)).reshape(B, q))
         worse = loss_after > loss_before  # (the prior can trade a little PRDL loss): never worse than the start
         RC = xp.where(worse[:, None, None], rc0, RC)
         T = xp.where(worse[:, None], t0, T)
