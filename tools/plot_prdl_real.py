@@ -31,21 +31,29 @@ def main() -> int:
     ap.add_argument("video")
     ap.add_argument("out", type=Path)
     ap.add_argument("--mark", action="append", default=[], help="START:END:LABEL frame range to shade")
+    ap.add_argument("--curves", type=Path, help="cache of the tracked curves (.npz): read if it exists, else written")
     args = ap.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(os.environ["FACESTREAM_ASSETS"]) / "media" / args.video
-    frames = [(f.rgb, f.index, f.pts) for f in MediaSource(path).frames()]
-    pack = Pack()
-    curves, summary = {}, {}
-    for label, prdl, masks in RUNS:
-        tracker = pack.tracker(TrackerConfig(prdl=prdl), masks=masks)
-        states = [tracker.process(rgb, i, pts=pts, t_seconds=pts) for rgb, i, pts in frames]
-        curves[label] = np.array([[s.blendshapes[ARKIT_NAMES.index(n)] if s.face else np.nan for n in SHAPES]
-                                  for s in states])
+    if args.curves and args.curves.exists():
+        with np.load(args.curves) as z:
+            curves = {label: z[f"run{k}"] for k, (label, _, _) in enumerate(RUNS)}
+    else:
+        path = Path(os.environ["FACESTREAM_ASSETS"]) / "media" / args.video
+        frames = [(f.rgb, f.index, f.pts) for f in MediaSource(path).frames()]
+        pack = Pack()
+        curves = {}
+        for label, prdl, masks in RUNS:
+            tracker = pack.tracker(TrackerConfig(prdl=prdl), masks=masks)
+            states = [tracker.process(rgb, i, pts=pts, t_seconds=pts) for rgb, i, pts in frames]
+            curves[label] = np.array([[s.blendshapes[ARKIT_NAMES.index(n)] if s.face else np.nan for n in SHAPES]
+                                      for s in states])
+        if args.curves:
+            np.savez(args.curves, **{f"run{k}": curves[label] for k, (label, _, _) in enumerate(RUNS)})
+    summary = {}
     marks = []
     for m in args.mark:
         a, b, text = m.split(":", 2)
