@@ -531,7 +531,7 @@ class PrdlRefiner:
         # reads, and the depth test tolerates the millimetre a smaller weight moves a vertex)
         Ev = xp.where(E > VIS_MIN_WEIGHT, E, 0.0).astype(xp.float32)  # per face, whatever else is in the batch
         shapes = xp.nonzero((Ev > 0).any(0))[0]
-        face = face_base + (Ev[:, None, shapes] @ dev["face_exp"][shapes])[:, 0].reshape(face_base.shape)
+        face = face_base + (Ev[:, shapes][:, None, :] @ dev["face_exp"][shapes])[:, 0].reshape(face_base.shape)
         face_uv, face_pc = project(face, RC, T)
         px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
@@ -594,7 +594,7 @@ class PrdlRefiner:
                 break
         loss_after, sel = st.loss, st.sel
         used = np.zeros((B, self.n_parts), bool)
-        used[:, list(parts)] = _host((tvalid & sel[4].any(1)).reshape(B, q))
+        used[:, list(parts)] = _host((tvalid & sel[4].any(1) & (weights != 0)).reshape(B, q))
         worse = loss_after > loss_before  # (the prior can trade a little PRDL loss): never worse than the start
         RC = xp.where(worse[:, None, None], rc0, RC)
         T = xp.where(worse[:, None], t0, T)

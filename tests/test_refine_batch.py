@@ -80,3 +80,19 @@ def test_cupy_batch_matches_numpy(refiner, problems):  # pragma: no cover - need
         assert np.abs(a.expression - b.expression).max() < 0.02
         assert b.loss_after == pytest.approx(a.loss_after, rel=0.02, abs=1e-3)
         assert b.loss_after <= b.loss_before
+
+
+def test_unweighted_parts_are_left_out_without_changing_the_answer(refiner, problems):
+    """A part no face weighs is dropped from the solve (landmark masks weigh 5 of 8 parts); the same face next
+    to one that weighs every part (so its zero-weight parts stay in the arrays) gets the same answer."""
+    from dataclasses import replace
+
+    from engine.refine import LANDMARK_MASK_PART_WEIGHTS
+
+    p = replace(problems[2], part_weights=LANDMARK_MASK_PART_WEIGHTS)
+    alone = refiner.refine_batch([p])[0]
+    beside = refiner.refine_batch([p, problems[3]])[0]
+    assert not any(u for w, u in zip(LANDMARK_MASK_PART_WEIGHTS, alone.used_parts) if w == 0)
+    assert beside.used_parts == alone.used_parts
+    assert np.allclose(alone.expression, beside.expression, atol=1e-4)
+    assert alone.loss_after == pytest.approx(beside.loss_after, rel=1e-4)
