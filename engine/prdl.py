@@ -341,13 +341,16 @@ def _stats(pts, mask, anchors, eps, xp):
     # a padded entry can only win a tie with the part's first valid point: hand it back to that point
     imin = xp.where(mask[ar, imin], imin, first[:, None])
     imax = xp.where(mask[ar, imax], imax, first[:, None])
-    dmin = xp.take_along_axis(d, imin[..., None], -1)[..., 0]
-    dmax = xp.take_along_axis(d, imax[..., None], -1)[..., 0]
-    dsum = xp.matmul(d, mask.astype(dt)[..., None])[..., 0]
-    mean = dsum / xp.maximum(counts, 1).astype(dt)[:, None]
-    desc = xp.stack([dmin, dmax, mean], -1)
+    idx = xp.empty(imin.shape + (2,), xp.int64)
+    idx[..., 0], idx[..., 1] = imin, imax
+    rows = xp.arange(imin.size)
+    d2 = d.reshape(imin.size, -1)
+    desc = xp.empty(imin.shape + (3,), dt)
+    desc[..., 0] = d2[rows, imin.reshape(-1)].reshape(imin.shape)
+    desc[..., 1] = d2[rows, imax.reshape(-1)].reshape(imin.shape)
+    desc[..., 2] = xp.matmul(d, mask.astype(dt)[..., None])[..., 0] / xp.maximum(counts, 1).astype(dt)[:, None]
     desc *= (counts > 0).astype(dt)[:, None, None]
-    return desc, xp.stack([imin, imax], -1), d, counts, filled
+    return desc, idx, d, counts, filled
 
 
 # ------------------------------------------------------------------ loss and gradient
@@ -486,14 +489,15 @@ def gauss_newton_terms(pred_points, pred_mask, target_desc, anchors, part_weight
     mean_scale = sw[:, 2] / xp.maximum(counts, 1).astype(dt)
     # gradient = 2 J^T r
     rr = r * 2.0
-    g = xp.zeros((parts * pm, 2), dt)
-    flat = (idx + (xp.arange(parts) * pm)[:, None, None]).reshape(-1)
-    contrib = (rr[..., :2, None] * unit).reshape(-1, 2)
-    g[:, 0] = xp.bincount(flat, weights=contrib[:, 0], minlength=parts * pm)
-    g[:, 1] = xp.bincount(flat, weights=contrib[:, 1], minlength=parts * pm)
-    g = g.reshape(parts, pm, 2)
+    flat = (idx + (xp.arange(parts) * pm)[:, None, None]).reshape(-1, 1) * 2 + xp.arange(2)  # (x, y) slots
+    contrib = rr[..., :2, None] * unit
+    g = xp.bincount(flat.reshape(-1), weights=contrib.reshape(-1), minlength=parts * pm * 2)
+    g = g.astype(dt).reshape(parts, pm, 2)
     cm = rr[..., 2] * mean_scale[:, None]  # (parts, A)
-    wmat = xp.stack([cm, cm * ap[..., 0], cm * ap[..., 1]], 1)
+    wmat = xp.empty((parts, 3, na), dt)
+    wmat[:, 0] = cm
+    wmat[:, 1] = cm * ap[..., 0]
+    wmat[:, 2] = cm * ap[..., 1]
     s = xp.matmul(wmat, d)
     g[..., 0] += filled[..., 0] * s[:, 0] - s[:, 1]
     g[..., 1] += filled[..., 1] * s[:, 0] - s[:, 2]
