@@ -58,6 +58,25 @@ class LandmarkFitter:
         self.weights = weights or FitWeights()
         # antagonist shapes: a linear model can add both to mimic a shape it lacks; real faces do not
         self.opposing_pairs = list(opposing_pairs or [])
+        self._free_key, self._free_t = None, None
+        self._id_basis_t = np.ascontiguousarray(self.Lid_all[:n_id_fit].transpose(2, 1, 0))  # (3, N, n_id_fit)
+
+    def _free_basis(self, free_exp: np.ndarray) -> np.ndarray:
+        """The free shapes' landmark deltas as (3, N, n_free) (cached per free set: a fit reuses it)."""
+        key = free_exp.tobytes()
+        if self._free_key != key:
+            self._free_key = key
+            self._free_t = np.ascontiguousarray(self.Lexp[free_exp].transpose(2, 1, 0))
+        return self._free_t
+
+    @staticmethod
+    def _basis_columns(out: np.ndarray, a: np.ndarray, rc: np.ndarray, basis_t: np.ndarray) -> None:
+        """out (N, 2, k) = a (N, 2, 3) . (rc @ basis) per point, for a basis given as (3, N, k)."""
+        _, n, k = basis_t.shape
+        rb = (rc @ basis_t.reshape(3, -1)).reshape(3, n, k)  # one product for all points
+        np.multiply(a[:, :, 0, None], rb[0][:, None, :], out=out)
+        out += a[:, :, 1, None] * rb[1][:, None, :]
+        out += a[:, :, 2, None] * rb[2][:, None, :]
 
     def model_points(self, identity: np.ndarray, expression: np.ndarray) -> np.ndarray:
         return self.L0 + (identity @ self._id_flat + expression @ self._exp_flat).reshape(self.L0.shape)
@@ -115,17 +134,14 @@ class LandmarkFitter:
             a /= scale
             rp = pc - t  # rotated points
             jac = np.empty((len(z), 2, n_p))
-            # left increment: d(pc)/d(w) = w x rp -> columns e_k x rp
-            for k in range(3):
-                ek = np.zeros(3)
-                ek[k] = 1.0
-                jac[:, :, k] = np.einsum("nij,nj->ni", a, np.cross(ek, rp))
+            # left increment: d(pc)/d(w) = w x rp, so row a . (e_k x rp) = e_k . (rp x a)
+            jac[:, :, 0] = rp[:, None, 1] * a[:, :, 2] - rp[:, None, 2] * a[:, :, 1]
+            jac[:, :, 1] = rp[:, None, 2] * a[:, :, 0] - rp[:, None, 0] * a[:, :, 2]
+            jac[:, :, 2] = rp[:, None, 0] * a[:, :, 1] - rp[:, None, 1] * a[:, :, 0]
             jac[:, :, 3:6] = a
-            rexp = np.einsum("ij,knj->kni", rc, self.Lexp[free_exp])  # (n_e, N, 3)
-            jac[:, :, 6:6 + n_e] = np.einsum("nij,knj->nik", a, rexp)
+            self._basis_columns(jac[:, :, 6:6 + n_e], a, rc, self._free_basis(free_exp))
             if n_b:
-                rid = np.einsum("ij,knj->kni", rc, self.Lid_all[:n_b])
-                jac[:, :, 6 + n_e:] = np.einsum("nij,knj->nik", a, rid)
+                self._basis_columns(jac[:, :, 6 + n_e:], a, rc, self._id_basis_t[:, :, :n_b])
             jac = jac.reshape(-1, n_p)
             jw = jac * self.w[:, None]
             h = jw.T @ jac
