@@ -5,8 +5,6 @@ import math
 
 import numpy as np
 
-from engine.geometry import euler_to_matrix
-
 # MediaPipe mesh indices, subject's own sides. Axis points go toward image +x (the subject's left).
 EYES = {
     "right": {"axis": (33, 133), "lids": (159, 145), "iris": 468},
@@ -44,26 +42,40 @@ class GazeEstimator:
         """-> {"left": (yaw, pitch), "right": (yaw, pitch)} degrees; yaw > 0 toward the subject's left, pitch > 0 up."""
         lm_model = self.model.landmarks(identity, expression)
         centres = self.model.eye_centres_for(identity)
+        sides = ("left", "right")
+        centre = np.stack([centres[k] for k in range(2)]).astype(np.float64)  # (eye, 3)
+        offset = np.stack([lm_model[EYES[s]["iris"]] for s in sides]).astype(np.float64) - centre
+        target = np.stack([landmarks_px[EYES[s]["iris"], :2] for s in sides]).astype(np.float64)
+        fc = np.array([camera.fx, camera.fy]), np.array([camera.cx, camera.cy])
+
+        def project(ang):
+            """Iris centres (eye, k, 2) px for yaw/pitch angles (eye, k, 2) in radians: the face model's eyeball
+            rotation (yaw about +y, then pitch up), then the head pose and the camera."""
+            cy, sy = np.cos(ang[..., 0]), np.sin(ang[..., 0])
+            cp, sp = np.cos(-ang[..., 1]), np.sin(-ang[..., 1])
+            d = offset[:, None, :]
+            dy = cp * d[..., 1] - sp * d[..., 2]
+            dz = sp * d[..., 1] + cp * d[..., 2]
+            q = centre[:, None, :] + np.stack([cy * d[..., 0] + sy * dz, dy, -sy * d[..., 0] + cy * dz], -1)
+            pc = q @ rotation_cam.T + translation
+            return fc[0] * pc[..., :2] / pc[..., 2:] + fc[1]
+
+        # 2-parameter Gauss-Newton per eye, both eyes at once; central differences (5 evaluations per step)
+        steps = np.array([[0.0, 0.0], [1e-3, 0.0], [-1e-3, 0.0], [0.0, 1e-3], [0.0, -1e-3]])
+        ang = np.zeros((2, 2))
+        for _ in range(4):
+            p = project(ang[:, None, :] + steps)
+            r = p[:, 0] - target
+            jac = np.stack([p[:, 1] - p[:, 2], p[:, 3] - p[:, 4]], -1) / 2e-3  # (eye, coordinate, angle)
+            ang = np.clip(ang - np.stack([np.linalg.lstsq(jac[k], r[k], rcond=None)[0] for k in range(2)]),
+                          -0.8, 0.8)
         out = {}
-        for k, side in enumerate(("left", "right")):
-            iris, centre = lm_model[EYES[side]["iris"]].astype(np.float64), centres[k].astype(np.float64)
-            target = landmarks_px[EYES[side]["iris"], :2]
-
-            def project(angles):
-                # same convention as the face model's eyeball rotation: yaw about +y, then pitch up
-                rot = euler_to_matrix(math.degrees(angles[0]), math.degrees(angles[1]), 0.0)
-                p = rotation_cam @ (centre + rot @ (iris - centre)) + translation
-                return np.array([camera.fx * p[0] / p[2] + camera.cx, camera.fy * p[1] / p[2] + camera.cy])
-
-            ang = np.zeros(2)
-            for _ in range(4):
-                r = project(ang) - target
-                jac = np.stack([(project(ang + d) - project(ang - d)) / 2e-3 for d in np.eye(2) * 1e-3], axis=1)
-                ang = np.clip(ang - np.linalg.lstsq(jac, r, rcond=None)[0], -0.8, 0.8)
+        for k, side in enumerate(sides):
             ratio = _opening(landmarks_px[:, :2], EYES[side]) / max(self.open0[side], 1e-6)
             visible = float(np.clip((ratio - 0.25) / 0.35, 0.0, 1.0))
             rest_yaw, rest_pitch = self.rest_deg[side]
-            out[side] = ((math.degrees(ang[0]) + rest_yaw) * visible, (math.degrees(ang[1]) + rest_pitch) * visible)
+            out[side] = ((math.degrees(ang[k, 0]) + rest_yaw) * visible,
+                         (math.degrees(ang[k, 1]) + rest_pitch) * visible)
         return out
 
 
