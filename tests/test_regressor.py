@@ -112,3 +112,45 @@ def test_gaze_follows_the_iris(model, regressor, yaw_deg, pitch_deg):
         rest_yaw, rest_pitch = regressor.gaze.rest_deg[side]  # ICT's eyes rest slightly outward
         assert abs(gaze[side][0] - rest_yaw - yaw_deg) < 1.0, gaze
         assert abs(gaze[side][1] - rest_pitch - pitch_deg) < 1.0, gaze
+
+
+def _tracked_faces(model, regressor, n=6):
+    """Tracked faces: each face's previous fit, then its next frame's landmarks (moved a little)."""
+    rng = np.random.default_rng(4)
+    shapes = ["jawOpen", "eyeBlink_L", "mouthSmile_R", "browInnerUp_L", "mouthPucker", "eyeWide_R"]
+    items = []
+    for i in range(n):
+        lm, _, _, cam = synth(model, {shapes[i % len(shapes)]: 0.7, "jawOpen": 0.2}, yaw=-20.0 + 8 * i, pitch=3.0)
+        identity = np.zeros(model.n_id)
+        previous = regressor.regress(lm, cam, identity).fit
+        nxt = lm + rng.normal(0.0, 0.4, lm.shape)
+        items.append((nxt, cam, identity, previous))
+    return items
+
+
+def test_regress_batch_matches_face_by_face(model, regressor):
+    """The batched tracking regression (one MLP call, one batched torch Gauss-Newton) gives each face the
+    per-face NumPy answer."""
+    items = _tracked_faces(model, regressor)
+    batch = regressor.regress_batch(*[list(x) for x in zip(*items)])
+    for (lm, cam, identity, previous), b in zip(items, batch):
+        a = regressor.regress(lm, cam, identity, previous)
+        assert np.allclose(a.fit.expression, b.fit.expression, atol=1e-9)
+        assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, atol=1e-9)
+        assert np.allclose(a.fit.translation, b.fit.translation, atol=1e-9)
+        assert a.fit.rms_px == pytest.approx(b.fit.rms_px, rel=1e-7) and a.fit.iterations == b.fit.iterations
+        assert np.allclose(a.head_expression, b.head_expression, atol=1e-6)
+        assert all(np.allclose(a.gaze[s], b.gaze[s], atol=1e-6) for s in ("left", "right"))
+
+
+def test_regress_batch_on_cuda_matches_cpu(model, regressor):  # pragma: no cover - needs a GPU
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: no CUDA device is visible (torch.cuda.is_available() is False)")
+    items = [list(x) for x in zip(*_tracked_faces(model, regressor, n=12))]
+    cpu = regressor.regress_batch(*items)
+    gpu = regressor.regress_batch(*items, device="cuda")
+    for a, b in zip(cpu, gpu):
+        assert np.allclose(a.fit.expression, b.fit.expression, atol=1e-9)
+        assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, atol=1e-9)
