@@ -30,7 +30,8 @@ if ! python -m engine.cli assets check > /dev/null 2>&1; then
 fi
 
 step "GPU backend and batching tests"
-timeout 100 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+timeout 100 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py \
+  tests/test_regressor.py > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_tests.txt"
 tail -6 "$OUT/gpu_tests.txt"
 
