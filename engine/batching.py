@@ -12,9 +12,11 @@ deadline has passed when its batch is dispatched is not run and its future fails
 already running on the device is never interrupted, so a caller can get a result up to one batch run
 late, never a frame that waited in the queue past its deadline.
 
-`BatchScheduler` wires the two stages to a Pack's detector and landmarker and makes per-session trackers
-(the ordinary `Tracker`, its network calls routed through the stages); the regressor runs per face in the
-session's own thread.
+`BatchScheduler` wires the stages to a Pack's detector and landmarker and makes per-session trackers
+(the ordinary `Tracker`, its network calls routed through the stages). On a GPU the regression of tracked faces
+is a third stage (`Regressor.regress_batch`: one expression-MLP call and one batched Gauss-Newton fit on the
+device for every session's face); new tracks and the identity phase, and every face on a CPU (where the per-face
+NumPy fit is the faster one), are regressed in the session's own thread.
 """
 from __future__ import annotations
 
@@ -200,6 +202,20 @@ class _SessionLandmarker:
         return self.session.scheduler.landmarks.call((image, roi), self.session.deadline)
 
 
+class _SessionRegressor:
+    """What a Tracker sees as its regressor: tracked faces go through the shared regress stage, the rest
+    (new track, identity phase) are regressed here."""
+
+    def __init__(self, session: "Session", regressor):
+        self.session = session
+        self.regressor = regressor
+
+    def regress(self, landmarks_px, camera, identity, previous=None, fit_identity: bool = False):
+        if previous is None or fit_identity:
+            return self.regressor.regress(landmarks_px, camera, identity, previous, fit_identity=fit_identity)
+        return self.session.scheduler.regress.call((landmarks_px, camera, identity, previous), self.session.deadline)
+
+
 class Session:
     """One stream: a Tracker whose network calls are batched with every other session's."""
 
@@ -212,7 +228,8 @@ class Session:
         segmenter = refiner = None
         if config is not None and config.prdl:  # PRDL refinement, like the regressor, runs per face in this thread
             segmenter, refiner = pack._prdl_parts(masks)
-        self.tracker = Tracker(_SessionDetector(self), _SessionLandmarker(self, pack.landmarker), pack.regressor,
+        regressor = _SessionRegressor(self, pack.regressor) if scheduler.regress is not None else pack.regressor
+        self.tracker = Tracker(_SessionDetector(self), _SessionLandmarker(self, pack.landmarker), regressor,
                                pack.model, config, camera, segmenter=segmenter, refiner=refiner, profile=profile)
 
     def process(self, rgb: np.ndarray, frame_index: int, deadline: float | None = None, **kw):
@@ -227,13 +244,25 @@ class Session:
 
 
 class BatchScheduler:
-    """The detect and landmark stages of one Pack, shared by any number of sessions."""
+    """The detect, landmark and (on a GPU) regress stages of one Pack, shared by any number of sessions.
 
-    def __init__(self, pack, max_wait_ms: float = 2.0, max_batch: int = 64, detect_max_batch: int = 16):
+    ``batch_regression``: None batches tracked faces' regression when the pack's backend runs on a CUDA device."""
+
+    def __init__(self, pack, max_wait_ms: float = 2.0, max_batch: int = 64, detect_max_batch: int = 16,
+                 batch_regression: bool | None = None):
         self.pack = pack
         self.max_wait_ms = max_wait_ms
         self.detect = StageBatcher(pack.detector.batch, detect_max_batch, max_wait_ms, "detect")
         self.landmarks = StageBatcher(pack.landmarker.batch, max_batch, max_wait_ms, "landmarks")
+        device = getattr(pack.backend, "device", None)
+        if batch_regression is None:
+            batch_regression = getattr(device, "type", None) == "cuda"
+        self.regress_device = device if batch_regression else None
+        self.regress = StageBatcher(self._regress_batch, max_batch, max_wait_ms, "regress") if batch_regression else None
+
+    def _regress_batch(self, items: list) -> list:
+        lm, cams, idents, prevs = (list(x) for x in zip(*items))
+        return self.pack.regressor.regress_batch(lm, cams, idents, prevs, device=self.regress_device or "cpu")
 
     def warm(self) -> int:
         """Capture the CUDA graphs of every batch bucket now (cuda backend), not on the first frames.
@@ -253,11 +282,16 @@ class BatchScheduler:
         return Session(self, config, camera, profile, masks)
 
     def stats(self) -> dict:
-        return {"detect": self.detect.stats.summary(), "landmarks": self.landmarks.stats.summary()}
+        out = {"detect": self.detect.stats.summary(), "landmarks": self.landmarks.stats.summary()}
+        if self.regress is not None:
+            out["regress"] = self.regress.stats.summary()
+        return out
 
     def close(self) -> None:
         self.detect.close()
         self.landmarks.close()
+        if self.regress is not None:
+            self.regress.close()
 
     def __enter__(self):
         return self

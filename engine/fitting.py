@@ -58,16 +58,17 @@ class LandmarkFitter:
         self.weights = weights or FitWeights()
         # antagonist shapes: a linear model can add both to mimic a shape it lacks; real faces do not
         self.opposing_pairs = list(opposing_pairs or [])
-        self._free_key, self._free_t = None, None
+        self._free_basis_cache: dict[bytes, np.ndarray] = {}
         self._id_basis_t = np.ascontiguousarray(self.Lid_all[:n_id_fit].transpose(2, 1, 0))  # (3, N, n_id_fit)
 
     def _free_basis(self, free_exp: np.ndarray) -> np.ndarray:
-        """The free shapes' landmark deltas as (3, N, n_free) (cached per free set: a fit reuses it)."""
+        """The free shapes' landmark deltas as (3, N, n_free), cached per free set (a dict: sessions in several
+        threads share one fitter, with different free sets -- pose-only fits free none)."""
         key = free_exp.tobytes()
-        if self._free_key != key:
-            self._free_key = key
-            self._free_t = np.ascontiguousarray(self.Lexp[free_exp].transpose(2, 1, 0))
-        return self._free_t
+        basis = self._free_basis_cache.get(key)
+        if basis is None:
+            basis = self._free_basis_cache[key] = np.ascontiguousarray(self.Lexp[free_exp].transpose(2, 1, 0))
+        return basis
 
     @staticmethod
     def _basis_columns(out: np.ndarray, a: np.ndarray, rc: np.ndarray, basis_t: np.ndarray) -> None:

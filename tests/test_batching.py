@@ -255,3 +255,48 @@ def test_prdl_sessions_refine_like_the_pack_tracker(pack):
     for a, b in zip(got, expected):
         assert a.prdl is not None and b.prdl is not None
         assert np.abs(a.expression - b.expression).max() < 1e-6
+
+
+def test_regress_stage_tracks_like_the_session_regressor(pack):
+    """Tracked faces regressed through the shared regress stage (batched Gauss-Newton, here on the CPU) get the
+    per-face regressor's answer; one session at a time, so the network batches are the same in both runs."""
+    from engine.tracker import TrackerConfig
+
+    config = TrackerConfig(filter=False, prdl=False, identity_frames=0)  # every frame after the first is tracked
+    frames = _frames("liveportrait_d3.mp4", 10)
+    runs = {}
+    for batched in (False, True):
+        with BatchScheduler(pack, batch_regression=batched) as scheduler:
+            session = scheduler.session(config)
+            runs[batched] = [session.process(rgb, i, deadline=time.perf_counter() + 30.0) for i, rgb in enumerate(frames)]
+            stats = scheduler.stats()
+        if batched:
+            assert stats["regress"]["items"] == len(frames) - 1  # the first frame is a new track: regressed locally
+        else:
+            assert "regress" not in stats
+    for a, b in zip(runs[False], runs[True]):
+        assert a.face and b.face
+        assert np.abs(a.expression - b.expression).max() < 1e-6
+        assert np.abs(a.translation_cm - b.translation_cm).max() < 1e-6
+
+
+def test_concurrent_sessions_share_the_regress_stage(pack):
+    from engine.tracker import TrackerConfig
+
+    config = TrackerConfig(filter=False, prdl=False, identity_frames=0)
+    videos = ("liveportrait_d0.mp4", "liveportrait_d3.mp4", "tps_driving.mp4")
+    clips = {v: _frames(v, 8) for v in videos}
+    out: dict[str, list] = {}
+    with BatchScheduler(pack, max_wait_ms=5.0, batch_regression=True) as scheduler:
+        def run(v):
+            session = scheduler.session(config)
+            out[v] = [session.process(rgb, i, deadline=time.perf_counter() + 30.0) for i, rgb in enumerate(clips[v])]
+
+        threads = [threading.Thread(target=run, args=(v,)) for v in videos]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = scheduler.stats()
+    assert stats["regress"]["items"] == 3 * 7 and stats["regress"]["max_batch"] > 1
+    assert all(s.face for v in videos for s in out[v])
