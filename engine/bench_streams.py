@@ -2,10 +2,11 @@
 
 The layout a multi-stream server needs on a many-core machine: one *network process* owns the device, the
 frames (decoded into shared memory, as a server's decoder would leave them) and the `BatchScheduler`;
-*session processes* run the per-stream trackers (the ordinary `Tracker`: ROI logic, the per-face NumPy
-regressor, filters), a few streams each, and send their network calls (frame handle + ROI) to the network
-process over a pipe. The regressor holds the GIL, so it is spread over processes; the networks are not, so
-every stream's faces meet in one batch.
+*session processes* run the per-stream trackers (the ordinary `Tracker`: ROI logic, filters), a few streams
+each, and send their network calls (frame handle + ROI) to the network process over a pipe. On a GPU the
+tracked faces' regression is sent there too and batched on the device (`Regressor.regress_batch`); new tracks,
+the identity phase, and on a CPU every face, are regressed per face in the session processes (the NumPy fit
+holds the GIL, so it is spread over processes).
 
 Each stream's frames arrive at 30 fps (streams phase-shifted); processing latency is arrival -> the
 tracker's result for that frame. A frame that arrives while its stream is still busy with an earlier one
@@ -89,18 +90,32 @@ class _RemoteLandmarker:
                                        self.stream.deadline)
 
 
+class _RemoteRegressor:
+    """Tracked faces go to the network process's batched regress stage (when it has one: on a GPU); new tracks
+    and the identity phase are regressed here, per face."""
+
+    def __init__(self, stream, regressor):
+        self.stream = stream
+        self.regressor = regressor
+
+    def regress(self, landmarks_px, camera, identity, previous=None, fit_identity: bool = False):
+        if previous is None or fit_identity:
+            return self.regressor.regress(landmarks_px, camera, identity, previous, fit_identity=fit_identity)
+        return self.stream.remote.call("regress", (landmarks_px, camera, identity, previous), self.stream.deadline)
+
+
 class _Stream:
-    def __init__(self, remote, regressor, model):
+    def __init__(self, remote, regressor, model, remote_regress: bool):
         from engine.tracker import Tracker, TrackerConfig
 
         self.remote = remote
         self.handle = None
         self.deadline = None
-        self.tracker = Tracker(_RemoteDetector(self), _RemoteLandmarker(self), regressor, model,
-                               TrackerConfig(prdl=False))
+        reg = _RemoteRegressor(self, regressor) if remote_regress else regressor
+        self.tracker = Tracker(_RemoteDetector(self), _RemoteLandmarker(self), reg, model, TrackerConfig(prdl=False))
 
 
-def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue):
+def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, remote_regress):
     try:
         import torch
 
@@ -117,7 +132,7 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue):
         lat, dropped = [], [0]
         lock = threading.Lock()
         # warm-up: one short track per stream before the clock starts
-        streams = {sid: _Stream(remote, regressor, model) for sid in stream_ids}
+        streams = {sid: _Stream(remote, regressor, model, remote_regress) for sid in stream_ids}
         for sid, st in streams.items():
             c = sid % len(clips)
             for i in range(3):
@@ -227,6 +242,8 @@ def _serve(conn, scheduler, store, stop):
             return
         if kind == "detect":
             fut = scheduler.detect.submit(store.rgb(payload), deadline)
+        elif kind == "regress":
+            fut = scheduler.regress.submit(payload, deadline)
         else:
             handle, r = payload
             fut = scheduler.landmarks.submit((store.tensor(handle), Roi(*r)), deadline)
@@ -234,8 +251,9 @@ def _serve(conn, scheduler, store, stop):
 
 
 def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process: int, seconds: float,
-             max_wait_ms: float = 2.0, start_timeout: float = 120.0) -> dict:
-    """Run `n_streams` simulated 30 fps streams for `seconds`; `pack` is this (network) process's pack."""
+             max_wait_ms: float = 2.0, start_timeout: float = 120.0, batch_regression: bool | None = None) -> dict:
+    """Run `n_streams` simulated 30 fps streams for `seconds`; `pack` is this (network) process's pack.
+    ``batch_regression``: the scheduler's choice (None: on a CUDA device) of a batched regress stage."""
     from engine.batching import BatchScheduler
 
     # a session process is one core's worth of work: without this, each would start a BLAS pool as wide as
@@ -250,7 +268,7 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
         shms.append(s)
         meta.append((s.name, clip.shape))
     store_clips = [np.ndarray(shape, np.uint8, buffer=s.buf) for s, (_, shape) in zip(shms, meta)]
-    scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms)
+    scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms, batch_regression=batch_regression)
     scheduler.warm()
     store = _FrameStore(pack.landmarker, store_clips)
     start = ctx.Value("d", 0.0)
@@ -262,7 +280,8 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
     try:
         for ids in groups:
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=_session_process, args=(theirs, ids, meta, start, seconds, results), daemon=True)
+            p = ctx.Process(target=_session_process, args=(theirs, ids, meta, start, seconds, results,
+                                                           scheduler.regress is not None), daemon=True)
             p.start()
             th = threading.Thread(target=_serve, args=(ours, scheduler, store, stop), daemon=True)
             th.start()
@@ -306,8 +325,12 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
            "latency_ms_p95": round(float(np.percentile(lat, 95)), 2) if lat.size else None,
            "latency_ms_p99": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
            "landmark_mean_batch": round(items / max(batches, 1), 2),
-           "landmark_batch_run_ms_median": lm["run_ms_median"], "expired": stats["landmarks"]["expired"]
-           + stats["detect"]["expired"], "startup_s": round(startup, 1)}
+           "landmark_batch_run_ms_median": lm["run_ms_median"],
+           "expired": sum(v["expired"] for v in stats.values()), "startup_s": round(startup, 1),
+           "regress": "batched on the device" if "regress" in stats else "per face in the session processes"}
+    if "regress" in stats:
+        out["regress_mean_batch"] = stats["regress"]["mean_batch"]
+        out["regress_batch_run_ms_median"] = stats["regress"]["run_ms_median"]
     out["held"] = bool(lat.size and out["latency_ms_p95"] <= 15.0 and out["drop_rate"] <= 0.01)
     return out
 

@@ -44,3 +44,16 @@ def test_stream_simulation_runs_across_processes(pack, media):
     assert out["frames"] > 0 and out["latency_ms_p50"] > 0
     assert out["latency_ms_p95"] >= out["latency_ms_p50"]
     assert isinstance(out["held"], bool) and np.isfinite(out["landmark_mean_batch"])
+    assert out["regress"] == "per face in the session processes"
+
+
+def test_stream_simulation_with_the_batched_regress_stage(pack, media):
+    """The GPU layout (tracked faces regressed in the network process's batched stage), run on the CPU."""
+    from engine.bench_streams import load_clips, simulate
+
+    clips = load_clips(media, ["liveportrait_d0.mp4", "liveportrait_d3.mp4"], 10, 256)
+    out = simulate(pack, clips, n_streams=2, streams_per_process=1, seconds=1.5, max_wait_ms=2.0,
+                   batch_regression=True)
+    assert "error" not in out, out
+    assert out["regress"] == "batched on the device" and out["regress_mean_batch"] >= 1.0
+    assert out["frames"] > 0 and out["latency_ms_p50"] > 0
