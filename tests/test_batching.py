@@ -18,6 +18,15 @@ POINT_TOL_PX = 2e-3
 SCORE_TOL = 1e-4
 
 
+def _in_threads(fn, args) -> None:
+    """fn(a) for every a, each in its own thread, all at once; returns when all are done."""
+    threads = [threading.Thread(target=fn, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _frames(name: str, n: int) -> list[np.ndarray]:
     from engine.media import MediaSource
 
@@ -53,11 +62,7 @@ def test_concurrent_sessions_get_their_own_results(pack, faces):
         barrier.wait()
         results[k] = [stage.call(item, deadline=time.perf_counter() + 30.0) for item in mine]
 
-    threads = [threading.Thread(target=session, args=(k,)) for k in range(n_sessions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(session, range(n_sessions))
     stage.close()
     summary = stage.stats.summary()
     assert summary["items"] == len(faces) and summary["expired"] == 0
@@ -206,11 +211,7 @@ def test_batched_sessions_track_like_unbatched_trackers(pack):
                 session.tracker.reset_track()
                 batched[v].append(session.process(rgb, i, deadline=time.perf_counter() + 30.0))
 
-        threads = [threading.Thread(target=run, args=(v,)) for v in videos]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(run, videos)
         stats = scheduler.stats()
     assert stats["landmarks"]["items"] == 24 and stats["detect"]["items"] == 24
     assert stats["landmarks"]["max_batch"] > 1 or stats["detect"]["max_batch"] > 1
@@ -292,11 +293,7 @@ def test_concurrent_sessions_share_the_regress_stage(pack):
             session = scheduler.session(config)
             out[v] = [session.process(rgb, i, deadline=time.perf_counter() + 30.0) for i, rgb in enumerate(clips[v])]
 
-        threads = [threading.Thread(target=run, args=(v,)) for v in videos]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(run, videos)
         stats = scheduler.stats()
     assert stats["regress"]["items"] == 3 * 7 and stats["regress"]["max_batch"] > 1
     assert all(s.face for v in videos for s in out[v])
