@@ -96,3 +96,20 @@ def test_unweighted_parts_are_left_out_without_changing_the_answer(refiner, prob
     assert beside.used_parts == alone.used_parts
     assert np.allclose(alone.expression, beside.expression, atol=1e-4)
     assert alone.loss_after == pytest.approx(beside.loss_after, rel=1e-4)
+
+
+def test_the_other_array_module_path_runs_here(refiner, problems):
+    """Where refine_batch branches on `xp is numpy` (identity shapes from the host cache, reduceat segment
+    sums), an array module that is not NumPy -- CuPy on a GPU -- takes the other branch. NumPy under another
+    name takes it on this CPU: same answers."""
+    import types
+
+    class OtherModule(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    a = refiner.refine_batch(problems[:3])
+    b = refiner.refine_batch(problems[:3], xp=OtherModule("numpy_as_another_module"))
+    for x, y in zip(a, b):
+        assert np.allclose(x.expression, y.expression, atol=1e-6)
+        assert x.loss_after == pytest.approx(y.loss_after, rel=1e-5)
