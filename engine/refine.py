@@ -530,8 +530,7 @@ class PrdlRefiner:
         # (only the expressions above VIS_MIN_WEIGHT in some face: the surface's basis is the largest array a call
         # reads, and the depth test tolerates the millimetre a smaller weight moves a vertex)
         Ev = xp.where(E > VIS_MIN_WEIGHT, E, 0.0).astype(xp.float32)  # per face, whatever else is in the batch
-        shapes = xp.nonzero((Ev > 0).any(0))[0]
-        face = face_base + (Ev[:, shapes][:, None, :] @ dev["face_exp"][shapes])[:, 0].reshape(face_base.shape)
+        face = face_base + (Ev[:, None, :] @ dev["face_exp"])[:, 0].reshape(face_base.shape)
         face_uv, face_pc = project(face, RC, T)
         px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
