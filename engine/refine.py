@@ -147,7 +147,6 @@ def _chain_points(chain: np.ndarray, layout: np.ndarray, us: np.ndarray) -> tupl
 TRI_SUB = 2
 TARGET_SUB = 2
 EYE_VIS_TOL = 0.15
-VIS_MIN_WEIGHT = 0.02  # expression weights below this are left out of the occluding surface (< 0.1 cm shift)
 EYE_RING = 1  # the lids' front edge: this many vertex rings outward from the face surface's eye hole
 
 
@@ -527,10 +526,7 @@ class PrdlRefiner:
 
         uvc, pcc = candidates(E, RC, T)
         # visibility, once per call: each candidate's depth against a point-splat z-buffer of the face surface
-        # (only the expressions above VIS_MIN_WEIGHT in some face: the surface's basis is the largest array a call
-        # reads, and the depth test tolerates the millimetre a smaller weight moves a vertex)
-        Ev = xp.where(E > VIS_MIN_WEIGHT, E, 0.0).astype(xp.float32)  # per face, whatever else is in the batch
-        face = face_base + (Ev[:, None, :] @ dev["face_exp"])[:, 0].reshape(face_base.shape)
+        face = face_base + (E.astype(xp.float32)[:, None, :] @ dev["face_exp"])[:, 0].reshape(face_base.shape)
         face_uv, face_pc = project(face, RC, T)
         px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
