@@ -315,16 +315,20 @@ class PrdlRefiner:
         self.vis_tol = np.where(np.isin(self.cand_part, eye_parts), EYE_VIS_TOL, 0.5)
 
     # ------------------------------------------------------------------ targets
-    def targets(self, masks: PartMasks) -> Targets:
+    def targets(self, masks: PartMasks, part_weights: tuple[float, ...] | None = None) -> Targets:
         """Target descriptors of one frame's part masks.
 
         Each part's pixels are reduced to the centroids of the occupied cells of a square grid (cell chosen so
         that the part has about ``points`` cells); the prediction is reduced on the same grid the same way,
-        so both sets are box-filtered samples of their regions with the same density.
+        so both sets are box-filtered samples of their regions with the same density. Parts whose weight in
+        ``part_weights`` is 0 are left empty (the refinement leaves them out anyway; the skin is most pixels).
         """
         cfg = self.config
         labels = masks.label_map()
         k = CROP_UNITS / masks.size
+        if part_weights is not None:
+            keep = np.asarray(part_weights) != 0
+            labels = np.where(keep[np.clip(labels, 0, None)] & (labels >= 0), labels, -1)
         rows, cols = np.nonzero(labels >= 0)
         part = labels[rows, cols].astype(np.int64)
         n_px = np.bincount(part, minlength=self.n_parts)

@@ -168,9 +168,9 @@ class Tracker:
         t0 = time.perf_counter()
         masks = self.segmenter.segment(rgb, points, self.config.prdl_mask_size)
         t1 = time.perf_counter()
-        targets = self.refiner.targets(masks)
-        prev = self.previous.expression if self.previous is not None else None
         weights = LANDMARK_MASK_PART_WEIGHTS if masks.source == "landmarks" else None
+        targets = self.refiner.targets(masks, weights)
+        prev = self.previous.expression if self.previous is not None else None
         t2 = time.perf_counter()
         res = self.refiner.refine(targets, camera, fit.rotation_cam, fit.translation, fit.expression, fit.identity,
                                   exp_prior=fit.expression, exp_prev=prev, part_weights=weights)
