@@ -77,7 +77,7 @@ class RefineConfig:
     tolerance: float = 0.02  # stop once an iteration lowers the objective by less than this fraction
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
-    damping: float = 0.1
+    damping: float = 0.3
     gn_updates: int = 1  # iterations that rebuild the Gauss-Newton matrix (later ones reuse it)
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
