@@ -226,7 +226,7 @@ class Session:
         self.deadline: float | None = None
         pack = scheduler.pack
         segmenter = refiner = None
-        if config is not None and config.prdl:  # PRDL refinement, like the regressor, runs per face in this thread
+        if config is not None and config.prdl:  # PRDL refinement runs per face in this thread
             segmenter, refiner = pack._prdl_parts(masks)
         regressor = _SessionRegressor(self, pack.regressor) if scheduler.regress is not None else pack.regressor
         self.tracker = Tracker(_SessionDetector(self), _SessionLandmarker(self, pack.landmarker), regressor,

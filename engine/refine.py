@@ -256,10 +256,12 @@ def splat_visibility(xp, occ_uv, occ_z, uv, z, cell, size: float, tol):
     G = int(np.ceil(size / float(cell.min()))) + 1
     cellb = cell[:, None]
 
+    Gb = xp.ceil(size / cellb) + 1  # each face's own grid: a batch does not widen it
+
     def cells(q):
         gx = xp.floor(q[..., 0] / cellb)
         gy = xp.floor(q[..., 1] / cellb)
-        ok = (gx >= 0) & (gx < G) & (gy >= 0) & (gy < G)
+        ok = (gx >= 0) & (gx < Gb) & (gy >= 0) & (gy < Gb)
         key = (xp.arange(B)[:, None] * G + xp.where(ok, gy, 0).astype(xp.int64)) * G + xp.where(ok, gx, 0).astype(xp.int64)
         return ok, key
 
@@ -385,6 +387,8 @@ class PrdlRefiner:
         module and part set: a part that no face weighs is left out of the whole solve)."""
         key = (xp.__name__, parts)
         if key not in self._dev:
+            if len(self._dev) >= 8:  # a handful of part sets in use at once (all parts, landmark masks, ...)
+                self._dev.clear()
             free = np.nonzero(~self.fixed_exp)[0]
             sub = np.nonzero(np.isin(self.cand_part, parts))[0]
             C, n_exp, n_id = len(sub), self.model.n_exp, self.model.n_id
@@ -394,9 +398,11 @@ class PrdlRefiner:
                     "exp_flat": self.exp_flat.reshape(n_exp, -1, 3)[:, sub].reshape(n_exp, -1).astype(np.float32),
                     "free_idx": free,
                     "basis_free": np.ascontiguousarray(self.exp_basis_nk[sub][:, :, free], np.float32).reshape(C, -1),
-                    "neutral": self.neutral[sub], "id_flat": self.id_flat.reshape(n_id, -1, 3)[:, sub].reshape(n_id, -1),
-                    "face_neutral": self.face_neutral, "face_id_flat": self.face_id_flat,
                     "face_exp": self.face_exp.astype(np.float32), "vis_tol": self.vis_tol[sub]}
+            if xp is not np:  # NumPy takes identity shapes from the host cache (`_identity_bases`)
+                host.update({"neutral": self.neutral[sub], "face_neutral": self.face_neutral,
+                             "id_flat": self.id_flat.reshape(n_id, -1, 3)[:, sub].reshape(n_id, -1),
+                             "face_id_flat": self.face_id_flat})
             self._dev[key] = {k: xp.asarray(v) for k, v in host.items()}
         return self._dev[key]
 
@@ -526,7 +532,7 @@ class PrdlRefiner:
                 sw = xp.sqrt((weights * (tvalid & smask.any(1)) / A)[:, None, None] * chw)
                 r = (prdl.descriptor_values(uv_, smask, anchors, xp) - tdesc) * sw
             r = xp.asarray(r, xp.float64).reshape(B, -1)
-            return _State(uvc_, pcc_, sel_, pe_, terms_, (r * r).sum(1))
+            return _State(pcc_, sel_, pe_, terms_, (r * r).sum(1))
 
         uvc, pcc = candidates(E, RC, T)
         # visibility, once per call: each candidate's depth against a point-splat z-buffer of the face surface
@@ -548,10 +554,10 @@ class PrdlRefiner:
             sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
             pc_rep = st.pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
             jtr = slot_gradient(xp, st.terms.grad.reshape(B, q * pe, 2), pc_rep, T, RC, sbasis, cam, aff)
-            if it <= cfg.gn_updates:  # later iterations keep this Gauss-Newton matrix (the gradient is fresh)
+            if it <= max(cfg.gn_updates, 1):  # later iterations keep this Gauss-Newton matrix (fresh gradient)
                 jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pe, 2, n)
-                jtj0, _ = batched_normal_equations(jac.reshape(B * q, pe, 2, n), st.terms, B,
-                                                   mean_anchor_stride=cfg.mean_anchor_stride)
+                jtj0 = batched_normal_equations(jac.reshape(B * q, pe, 2, n), st.terms, B,
+                                                mean_anchor_stride=cfg.mean_anchor_stride)
                 jtj0 = jtj0.astype(xp.float64)
             total = st.loss + prior_cost(E)
             jtj = jtj0.copy()
@@ -608,8 +614,7 @@ class PrdlRefiner:
 class _State:
     """One parameter state's evaluation inside `PrdlRefiner.refine_batch`."""
 
-    uvc: object  # (B, C, 2) crop points of all candidates
-    pcc: object  # (B, C, 3) their camera points
+    pcc: object  # (B, C, 3) camera points of all candidates
     sel: tuple  # `select_cells` result
     pe: int  # slots used per part
     terms: prdl.GNTerms | None  # None after the last iteration (only the loss is needed)
@@ -684,8 +689,10 @@ def cell_centroids(xy: np.ndarray, part: np.ndarray, cells: np.ndarray, n_parts:
 def _segment_sums(xp, values, starts, segment_of):
     """Sums of the runs of ``values`` that begin at ``starts`` (segment ``segment_of[i]`` of each value, runs in
     order): NumPy's reduceat, several times faster than a weighted bincount; elsewhere (CuPy) the bincount."""
+    if len(starts) == 0:  # no member at all (every candidate hidden or off the crop)
+        return xp.zeros(0)
     if xp is np:
-        return np.add.reduceat(values.astype(np.float64), starts) if len(starts) else np.zeros(0)
+        return np.add.reduceat(values.astype(np.float64), starts)
     ids = xp.cumsum(xp.concatenate([xp.zeros(1, bool), segment_of[1:] != segment_of[:-1]]))
     return xp.bincount(ids, weights=values.astype(xp.float64), minlength=len(starts))
 
@@ -708,7 +715,7 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     ok = visible & (gx >= -H) & (gx < H) & (gy >= -H) & (gy < H)
     fx -= gx + 0.5
     fy -= gy + 0.5
-    dq = xp.minimum((fx * fx + fy * fy) * 2048.0, 1023.0).astype(xp.int64)  # 10 bits
+    dq = xp.where(ok, xp.minimum((fx * fx + fy * fy) * 2048.0, 1023.0), 0.0).astype(xp.int64)  # 10 bits
     gx = (gx + H).astype(xp.int64) & 1023
     gy = (gy + H).astype(xp.int64) & 1023
     fp = xp.arange(B)[:, None] * q + cand_part[None, :]  # flat (face, part)
@@ -814,7 +821,8 @@ def batched_rodrigues(xp, w):
 
 
 def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_stride: int = 1):
-    """Per-face J^T J (B, n, n) and J^T r (B, n) of stacked faces (parts = faces x parts per face, in order).
+    """Per-face J^T J (B, n, n) of stacked faces (parts = faces x parts per face, in order); J^T r comes from
+    `slot_gradient`, which does not need the Jacobian.
 
     Same construction as `prdl.normal_equations` (min/max rows summed per point as G^T S G, mean rows formed
     per part as (A, n) blocks, optionally from every s-th anchor), kept per face."""
@@ -826,7 +834,6 @@ def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_str
     n = points_jac.shape[-1]
     G = points_jac * terms.mask[..., None, None]
     Gb = G.reshape(B, q * pm, 2, n)
-    jtr = 0.5 * xp.einsum("bvk,bvkn->bn", terms.grad.reshape(B, q * pm, 2).astype(dt), Gb)
     flat = (terms.index + (xp.arange(parts) * pm)[:, None, None]).reshape(-1)
     u = terms.unit.reshape(-1, 2).astype(dt)
     nv = parts * pm
@@ -852,7 +859,7 @@ def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_str
     gk = xp.ascontiguousarray(G.transpose(0, 2, 1, 3)).reshape(parts, 2 * pm, n)
     jm = xp.matmul(c.reshape(parts, a.shape[1], 2 * pm), gk).reshape(B, -1, n)
     jtj = jtj + float(s) * xp.matmul(jm.transpose(0, 2, 1), jm)
-    return 0.5 * (jtj + jtj.transpose(0, 2, 1)), jtr
+    return 0.5 * (jtj + jtj.transpose(0, 2, 1))
 
 
 # ------------------------------------------------------------------ benchmark: python -m engine.refine --bench-batch 64

@@ -116,12 +116,11 @@ class Tracker:
             state.score = float(score)
             timings["total"] = (time.perf_counter() - t_start) * 1e3
             return state
-        self.frames_since_detect += 1
-
         t0 = time.perf_counter()
         camera = self.camera_for(w, h)
         fit_identity = not self.identity_locked and self._near_frontal()
         reg = self.regressor.regress(points, camera, self.identity, self.previous, fit_identity=fit_identity)
+        self.frames_since_detect += 1  # after the regression: a batched one can drop the frame (deadline)
         fit = reg.fit
         if fit_identity:
             self.identity_samples += 1

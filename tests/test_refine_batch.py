@@ -113,3 +113,19 @@ def test_the_other_array_module_path_runs_here(refiner, problems):
     for x, y in zip(a, b):
         assert np.allclose(x.expression, y.expression, atol=1e-6)
         assert x.loss_after == pytest.approx(y.loss_after, rel=1e-5)
+
+
+def test_a_face_off_its_crop_is_left_as_it_was(refiner, problems):
+    """No candidate lands in the crop: nothing to compare, the face comes back unchanged, on either path."""
+    import types
+    from dataclasses import replace
+
+    class OtherModule(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    p = replace(problems[0], translation=np.asarray(problems[0].translation) + np.array([200.0, 0.0, 0.0]))
+    for xp in (None, OtherModule("numpy_as_another_module")):
+        r = refiner.refine_batch([p], xp=xp)[0]
+        assert r.loss_before == r.loss_after == 0.0 and not any(r.used_parts)
+        assert np.allclose(r.translation, p.translation)

@@ -135,11 +135,12 @@ def test_regress_batch_matches_face_by_face(model, regressor):
     batch = regressor.regress_batch(*[list(x) for x in zip(*items)])
     for (lm, cam, identity, previous), b in zip(items, batch):
         a = regressor.regress(lm, cam, identity, previous)
-        assert np.allclose(a.fit.expression, b.fit.expression, atol=1e-9)
-        assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, atol=1e-9)
-        assert np.allclose(a.fit.translation, b.fit.translation, atol=1e-9)
+        # the float32 expression MLP on a batch differs from a run per face by ~1e-7; it is the fit's prior
+        assert np.allclose(a.fit.expression, b.fit.expression, rtol=0, atol=1e-8)
+        assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, rtol=0, atol=1e-8)
+        assert np.allclose(a.fit.translation, b.fit.translation, rtol=0, atol=1e-8)
         assert a.fit.rms_px == pytest.approx(b.fit.rms_px, rel=1e-7) and a.fit.iterations == b.fit.iterations
-        assert np.allclose(a.head_expression, b.head_expression, atol=1e-6)
+        assert np.allclose(a.head_expression, b.head_expression, rtol=0, atol=1e-6)
         assert all(np.allclose(a.gaze[s], b.gaze[s], atol=1e-6) for s in ("left", "right"))
 
 
@@ -152,5 +153,5 @@ def test_regress_batch_on_cuda_matches_cpu(model, regressor):  # pragma: no cove
     cpu = regressor.regress_batch(*items)
     gpu = regressor.regress_batch(*items, device="cuda")
     for a, b in zip(cpu, gpu):
-        assert np.allclose(a.fit.expression, b.fit.expression, atol=1e-9)
-        assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, atol=1e-9)
+        assert np.allclose(a.fit.expression, b.fit.expression, rtol=0, atol=1e-8)
+        assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, rtol=0, atol=1e-8)
