@@ -202,18 +202,19 @@ class _SessionLandmarker:
         return self.session.scheduler.landmarks.call((image, roi), self.session.deadline)
 
 
-class _SessionRegressor:
-    """What a Tracker sees as its regressor: tracked faces go through the shared regress stage, the rest
-    (new track, identity phase) are regressed here."""
+class StageRegressor:
+    """What a Tracker sees as its regressor when tracked faces are regressed elsewhere in batches: tracked faces
+    go to ``submit((landmarks, camera, identity, previous))``, which returns their Regression; new tracks and the
+    identity phase are regressed here, per face."""
 
-    def __init__(self, session: "Session", regressor):
-        self.session = session
+    def __init__(self, regressor, submit: Callable):
         self.regressor = regressor
+        self.submit = submit
 
     def regress(self, landmarks_px, camera, identity, previous=None, fit_identity: bool = False):
         if previous is None or fit_identity:
             return self.regressor.regress(landmarks_px, camera, identity, previous, fit_identity=fit_identity)
-        return self.session.scheduler.regress.call((landmarks_px, camera, identity, previous), self.session.deadline)
+        return self.submit((landmarks_px, camera, identity, previous))
 
 
 class Session:
@@ -228,7 +229,9 @@ class Session:
         segmenter = refiner = None
         if config is not None and config.prdl:  # PRDL refinement runs per face in this thread
             segmenter, refiner = pack._prdl_parts(masks)
-        regressor = _SessionRegressor(self, pack.regressor) if scheduler.regress is not None else pack.regressor
+        regressor = pack.regressor
+        if scheduler.regress is not None:
+            regressor = StageRegressor(pack.regressor, lambda item: scheduler.regress.call(item, self.deadline))
         self.tracker = Tracker(_SessionDetector(self), _SessionLandmarker(self, pack.landmarker), regressor,
                                pack.model, config, camera, segmenter=segmenter, refiner=refiner, profile=profile)
 

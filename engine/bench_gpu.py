@@ -474,8 +474,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
 
-    import torch
-
     from engine.backends import cuda_unavailable_reason
     from engine.pack import Pack
 
@@ -556,7 +554,7 @@ def main(argv=None) -> int:
     step("regressor", lambda: regressor_processes(pts, procs, 2.0 if cpu_mode else 4.0))
     if "regressor" in result:
         result["regressor_processes"] = result.pop("regressor")
-    del cpu_pack
+    cpu_pack = None  # noqa: F841 - frees the CPU networks before the stream simulation
 
     def sim():
         from engine.bench_streams import load_clips, simulate

@@ -90,20 +90,6 @@ class _RemoteLandmarker:
                                        self.stream.deadline)
 
 
-class _RemoteRegressor:
-    """Tracked faces go to the network process's batched regress stage (when it has one: on a GPU); new tracks
-    and the identity phase are regressed here, per face."""
-
-    def __init__(self, stream, regressor):
-        self.stream = stream
-        self.regressor = regressor
-
-    def regress(self, landmarks_px, camera, identity, previous=None, fit_identity: bool = False):
-        if previous is None or fit_identity:
-            return self.regressor.regress(landmarks_px, camera, identity, previous, fit_identity=fit_identity)
-        return self.stream.remote.call("regress", (landmarks_px, camera, identity, previous), self.stream.deadline)
-
-
 class _Stream:
     def __init__(self, remote, regressor, model, remote_regress: bool):
         from engine.tracker import Tracker, TrackerConfig
@@ -111,7 +97,11 @@ class _Stream:
         self.remote = remote
         self.handle = None
         self.deadline = None
-        reg = _RemoteRegressor(self, regressor) if remote_regress else regressor
+        reg = regressor
+        if remote_regress:  # tracked faces are regressed in the network process's batched stage
+            from engine.batching import StageRegressor
+
+            reg = StageRegressor(regressor, lambda item: self.remote.call("regress", item, self.deadline))
         self.tracker = Tracker(_RemoteDetector(self), _RemoteLandmarker(self), reg, model, TrackerConfig(prdl=False))
 
 

@@ -78,7 +78,6 @@ class RefineConfig:
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 0.3
-    gn_updates: int = 1  # iterations that rebuild the Gauss-Newton matrix (later ones reuse it)
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     candidates: int = 16  # candidate surface samples per target point (before visibility and cell grouping)
@@ -554,7 +553,7 @@ class PrdlRefiner:
             sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
             pc_rep = st.pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
             jtr = slot_gradient(xp, st.terms.grad.reshape(B, q * pe, 2), pc_rep, T, RC, sbasis, cam, aff)
-            if it <= max(cfg.gn_updates, 1):  # later iterations keep this Gauss-Newton matrix (fresh gradient)
+            if it == 1:  # later iterations keep this Gauss-Newton matrix and take a fresh gradient
                 jac = slot_jacobian(xp, pc_rep, T, RC, sbasis, cam, aff)  # (B, q*pe, 2, n)
                 jtj0 = batched_normal_equations(jac.reshape(B * q, pe, 2, n), st.terms, B,
                                                 mean_anchor_stride=cfg.mean_anchor_stride)

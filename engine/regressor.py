@@ -71,16 +71,7 @@ class Regressor:
 
     def head_expression(self, landmarks_px: np.ndarray, camera: Camera, rotation_cam: np.ndarray,
                         translation: np.ndarray, identity: np.ndarray) -> np.ndarray:
-        neutral = self.fitter.model_points(identity, np.zeros(self.model.n_exp)) @ rotation_cam.T + translation
-        ref = camera.project(neutral)
-        with torch.inference_mode():
-            offsets, yaw_pitch = expression_features(
-                torch.from_numpy(np.ascontiguousarray(landmarks_px[None, :N_INPUT_POINTS, :2], np.float32)),
-                torch.from_numpy(ref[None].astype(np.float32)),
-                torch.tensor([camera.fx / max(translation[2], 1e-3)], dtype=torch.float32),
-                torch.from_numpy(rotation_cam[None].astype(np.float32)))
-            exp = self.head.expression(offsets, yaw_pitch)
-        return exp[0].numpy().astype(np.float64)
+        return self.head_expressions([landmarks_px], [camera], [rotation_cam], [translation], [identity])[0]
 
     def head_expressions(self, landmarks_px: list[np.ndarray], cameras: list[Camera], rotations: list[np.ndarray],
                          translations: list[np.ndarray], identities: list[np.ndarray]) -> np.ndarray:

@@ -1,9 +1,7 @@
 """Asset resolution order and the clear error when something is missing."""
 from __future__ import annotations
 
-import json
 import zipfile
-from pathlib import Path
 
 import pytest
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engine  # noqa: E402,F401  (single-threaded BLAS before NumPy loads)
 from engine.eval_prdl import evaluate  # noqa: E402
 from engine.refine import RefineConfig  # noqa: E402
 

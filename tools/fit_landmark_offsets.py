@@ -13,7 +13,6 @@ videos are used; the held-out videos report what the offsets change there.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 from pathlib import Path

@@ -83,7 +83,6 @@ def timing(nets: dict, threads: int, runs: int) -> None:
         it = interpreter(k, threads)
         x = inputs[k]
         rows[k].append(stats(lambda: run_litert(it, x), runs))
-        del it
     for k, (t, l) in rows.items():
         lit = "n/a (custom ops)" if l is None else f"{l[0]:.2f} / {l[1]:.2f}"
         print(f"| {k} | {'x'.join(map(str, SHAPES[k]))} | {t[0]:.2f} / {t[1]:.2f} | {lit} |")
