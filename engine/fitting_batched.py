@@ -12,6 +12,8 @@ keep the per-face fit (`Regressor.regress`).
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -57,6 +59,9 @@ class BatchedLandmarkFitter:
         self.pair_a = torch.as_tensor([a for a, _ in pairs], dtype=torch.long, device=self.device)
         self.pair_b = torch.as_tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
         self.pos = torch.as_tensor(pos, dtype=torch.long, device=self.device)
+        self._graphs: dict[tuple[int, int], _CapturedFit] = {}
+        self._graph_lock = threading.Lock()
+        self.graph_error: str | None = None  # why CUDA graphs are off (the fit then runs eagerly)
 
     def fit(self, obs_px: np.ndarray, cameras: list[Camera], rotation_cam: np.ndarray, translation: np.ndarray,
             expression: np.ndarray, identity: np.ndarray, exp_prior: np.ndarray, exp_prev: np.ndarray,
@@ -64,26 +69,65 @@ class BatchedLandmarkFitter:
         """obs_px (B, >=N, 2) pixels, cameras (B,), rotation_cam (B, 3, 3), translation (B, 3), expression /
         exp_prior / exp_prev (B, n_exp), identity (B, n_id): per-face `LandmarkFitter.fit(...,
         exp_prior=, exp_prev=)` results."""
+        B = len(cameras)
+        n_id = self.id_flat.shape[0]
+        host = [np.asarray(obs_px, np.float64)[:, self.fitter.idx],
+                np.array([[c.fx, c.fy, c.cx, c.cy] for c in cameras], np.float64),
+                np.asarray(rotation_cam, np.float64), np.asarray(translation, np.float64),
+                np.asarray(expression, np.float64), np.asarray(identity, np.float64)[:, :n_id],
+                np.asarray(exp_prior, np.float64), np.asarray(exp_prev, np.float64)]
+        graph = self._graph(host, iterations) if self.device.type == "cuda" else None
+        if graph is not None:
+            out = graph(host)
+        else:
+            out = self._solve(*(torch.as_tensor(a, device=self.device) for a in host), iterations=iterations)
+        out = out.cpu().numpy()  # one transfer: (B, 9 + 3 + n_exp + 3)
+        n_e = host[4].shape[1]
+        rc, t, e = out[:, :9].reshape(B, 3, 3), out[:, 9:12], out[:, 12:12 + n_e]
+        rms_px, rms_cm, its = out[:, 12 + n_e], out[:, 13 + n_e], out[:, 14 + n_e]
+        idn = np.asarray(identity, np.float64)
+        return [FitResult(rc[i], t[i], e[i], idn[i].copy(), float(rms_cm[i]), float(rms_px[i]), int(its[i]))
+                for i in range(B)]
+
+    # CUDA graphs: the fit is ~300 small kernels, so a batch's time on a GPU is launch overhead; one captured
+    # graph per padded batch size replays them in one launch. Batches above the largest bucket run eagerly.
+    GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+    def _graph(self, host: list[np.ndarray], iterations: int):
+        """The captured graph for this batch's padded size (captured on first use), or None: eager."""
+        bucket = next((b for b in self.GRAPH_BUCKETS if b >= len(host[0])), None)
+        if bucket is None or self.graph_error:
+            return None
+        with self._graph_lock:
+            key = (bucket, iterations)
+            if key not in self._graphs:
+                try:
+                    self._graphs[key] = _CapturedFit(self, bucket, iterations, host)
+                except Exception as exc:  # noqa: BLE001 - capture is an optimisation: run eagerly, say why
+                    self.graph_error = f"CUDA graph capture of the batched fit failed, running eagerly: " \
+                                       f"{type(exc).__name__}: {exc}"
+                    return None
+            return self._graphs[key]
+
+    def _solve(self, obs, cam, rc, t, e, ident, prior, prev, *, iterations: int) -> torch.Tensor:
+        """The batched Gauss-Newton iterations on device tensors, free of host synchronisation (so that it can
+        be captured in a CUDA graph). Returns (B, 9 + 3 + n_exp + 3): rotation, translation, expression,
+        rms px, rms cm, iterations."""
         dev, wts = self.device, self.fitter.weights
-        t64 = lambda a: torch.as_tensor(np.asarray(a, np.float64), dtype=torch.float64, device=dev)  # noqa: E731
-        obs = t64(np.asarray(obs_px)[:, self.fitter.idx])
-        cam = t64([[c.fx, c.fy, c.cx, c.cy] for c in cameras])
-        rc, t = t64(rotation_cam), t64(translation)
-        e = t64(expression).clamp(0.0, 1.0)
-        prior, prev = t64(exp_prior), t64(exp_prev)
+        e = e.clamp(0.0, 1.0)
         B, N = obs.shape[0], obs.shape[1]
         fi = self.free_idx
         n_e = int(fi.numel())
         n_p = 6 + n_e
-        base = self.L0 + (t64(identity)[:, : self.id_flat.shape[0]] @ self.id_flat).view(B, N, 3)  # identity held
+        base = self.L0 + (ident @ self.id_flat).view(B, N, 3)  # identity held
         eye = torch.eye(n_p, dtype=torch.float64, device=dev)
         fx, fy = cam[:, 0, None], cam[:, 1, None]
         ok = torch.ones(B, dtype=torch.bool, device=dev)  # faces still stepping (a point behind the camera stops one)
         rms_px = torch.zeros(B, dtype=torch.float64, device=dev)
         rms_cm = torch.zeros(B, dtype=torch.float64, device=dev)
-        its = torch.zeros(B, dtype=torch.long, device=dev)
+        its = torch.zeros(B, dtype=torch.float64, device=dev)
         for _ in range(iterations):
-            its = its + ok.long()  # as the per-face fit counts: the iteration that finds a point behind counts
+            its = its + ok.double()  # as the per-face fit counts: the iteration that finds a point behind counts
             pts = base + (e @ self.exp_flat).view(B, N, 3)
             pc = pts @ rc.transpose(1, 2) + t[:, None, :]
             z = pc[..., 2]
@@ -133,12 +177,45 @@ class BatchedLandmarkFitter:
             ha = h * actf[:, :, None] * actf[:, None, :]
             hd = torch.diagonal(ha, dim1=1, dim2=2)
             ha = ha + eye * (wts.damping * (hd + 1e-6) * actf + (1.0 - actf))[:, None, :]
-            delta = -torch.linalg.solve(ha, (g * actf)[..., None])[..., 0]
+            # solve_ex without its error check: the check is a device-to-host copy (a damped, positive
+            # diagonal keeps the system regular)
+            delta = -torch.linalg.solve_ex(ha, (g * actf)[..., None], check_errors=False)[0][..., 0]
             delta = delta * ok[:, None]
             rc = batched_rodrigues(delta[:, :3]) @ rc
             t = t + delta[:, 3:6]
-            e[:, fi] = (ef + delta[:, 6:]).clamp(0.0, 1.0)
-        rc, t, e, rms_px, rms_cm, its = (x.cpu().numpy() for x in (rc, t, e, rms_px, rms_cm, its))
-        idn = np.asarray(identity, np.float64)
-        return [FitResult(rc[i], t[i], e[i], idn[i].copy(), float(rms_cm[i]), float(rms_px[i]), int(its[i]))
-                for i in range(B)]
+            e = e.index_copy(1, fi, (ef + delta[:, 6:]).clamp(0.0, 1.0))
+        return torch.cat([rc.reshape(B, 9), t, e, rms_px[:, None], rms_cm[:, None], its[:, None]], 1)
+
+
+class _CapturedFit:
+    """`BatchedLandmarkFitter._solve` captured in a CUDA graph for one padded batch size: inputs are copied into
+    static tensors (padding rows repeat the first face, so they stay finite), the graph is replayed, the first B
+    output rows are the answer. One lock per graph: its static tensors are shared."""
+
+    def __init__(self, fitter: BatchedLandmarkFitter, bucket: int, iterations: int, host: list[np.ndarray]):
+        self.lock = threading.Lock()
+        self.bucket, self.fitter, self.iterations = bucket, fitter, iterations
+        dev = fitter.device
+        self.static = [torch.as_tensor(self._pad(a), device=dev).clone() for a in host]
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph capture requires
+            for _ in range(2):
+                fitter._solve(*self.static, iterations=iterations)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fitter._solve(*self.static, iterations=iterations)
+
+    def _pad(self, a: np.ndarray) -> np.ndarray:
+        if len(a) == self.bucket:
+            return a
+        return np.concatenate([a, np.repeat(a[:1], self.bucket - len(a), 0)])
+
+    def __call__(self, host: list[np.ndarray]) -> torch.Tensor:
+        B = len(host[0])
+        with self.lock:
+            for dst, a in zip(self.static, host):
+                dst.copy_(torch.as_tensor(self._pad(a)))
+            self.graph.replay()
+            return self.out[:B].clone()

@@ -40,42 +40,56 @@ class GazeEstimator:
     def __call__(self, landmarks_px: np.ndarray, camera, rotation_cam: np.ndarray, translation: np.ndarray,
                  identity: np.ndarray, expression: np.ndarray) -> dict[str, tuple[float, float]]:
         """-> {"left": (yaw, pitch), "right": (yaw, pitch)} degrees; yaw > 0 toward the subject's left, pitch > 0 up."""
-        lm_model = self.model.landmarks(identity, expression)
-        centres = self.model.eye_centres_for(identity)
+        return self.batch(landmarks_px[None], [camera], rotation_cam[None], np.asarray(translation)[None],
+                          np.asarray(identity)[None], np.asarray(expression)[None])[0]
+
+    def batch(self, landmarks_px: np.ndarray, cameras: list, rotation_cam: np.ndarray, translation: np.ndarray,
+              identity: np.ndarray, expression: np.ndarray) -> list[dict[str, tuple[float, float]]]:
+        """Gaze of many faces at once (landmarks (B, 478, >=2) px, rotation (B, 3, 3), translation (B, 3),
+        identity (B, n_id), expression (B, n_exp)): one vectorised fit for all eyes, so a batch of tracked
+        faces (`Regressor.regress_batch`) does not pay a per-face NumPy fit."""
         sides = ("left", "right")
-        centre = np.stack([centres[k] for k in range(2)]).astype(np.float64)  # (eye, 3)
-        offset = np.stack([lm_model[EYES[s]["iris"]] for s in sides]).astype(np.float64) - centre
-        target = np.stack([landmarks_px[EYES[s]["iris"], :2] for s in sides]).astype(np.float64)
-        fc = np.array([camera.fx, camera.fy]), np.array([camera.cx, camera.cy])
+        iris = [EYES[s]["iris"] for s in sides]
+        lm_model = self.model.landmarks(identity, expression)[:, iris]  # (B, eye, 3)
+        centre = np.asarray(self.model.eye_centres_for(identity), np.float64)  # (B, eye, 3)
+        offset = lm_model.astype(np.float64) - centre
+        lm = np.asarray(landmarks_px, np.float64)
+        target = lm[:, iris, :2]  # (B, eye, 2)
+        f = np.array([[c.fx, c.fy] for c in cameras])[:, None, None, :]
+        c0 = np.array([[c.cx, c.cy] for c in cameras])[:, None, None, :]
+        rc, t = np.asarray(rotation_cam, np.float64), np.asarray(translation, np.float64)
 
         def project(ang):
-            """Iris centres (eye, k, 2) px for yaw/pitch angles (eye, k, 2) in radians: the face model's eyeball
-            rotation (yaw about +y, then pitch up), then the head pose and the camera."""
+            """Iris centres (B, eye, k, 2) px for yaw/pitch angles (B, eye, k, 2) in radians: the face model's
+            eyeball rotation (yaw about +y, then pitch up), then the head pose and the camera."""
             cy, sy = np.cos(ang[..., 0]), np.sin(ang[..., 0])
             cp, sp = np.cos(-ang[..., 1]), np.sin(-ang[..., 1])
-            d = offset[:, None, :]
+            d = offset[:, :, None, :]
             dy = cp * d[..., 1] - sp * d[..., 2]
             dz = sp * d[..., 1] + cp * d[..., 2]
-            q = centre[:, None, :] + np.stack([cy * d[..., 0] + sy * dz, dy, -sy * d[..., 0] + cy * dz], -1)
-            pc = q @ rotation_cam.T + translation
-            return fc[0] * pc[..., :2] / pc[..., 2:] + fc[1]
+            q = centre[:, :, None, :] + np.stack([cy * d[..., 0] + sy * dz, dy, -sy * d[..., 0] + cy * dz], -1)
+            pc = np.einsum("bekj,bij->beki", q, rc) + t[:, None, None, :]
+            return f * pc[..., :2] / pc[..., 2:] + c0
 
-        # 2-parameter Gauss-Newton per eye, both eyes at once; central differences (5 evaluations per step)
+        # 2-parameter Gauss-Newton per eye, all eyes at once; central differences (5 evaluations per step)
         steps = np.array([[0.0, 0.0], [1e-3, 0.0], [-1e-3, 0.0], [0.0, 1e-3], [0.0, -1e-3]])
-        ang = np.zeros((2, 2))
+        ang = np.zeros(target.shape)
         for _ in range(4):
-            p = project(ang[:, None, :] + steps)
-            r = p[:, 0] - target
-            jac = np.stack([p[:, 1] - p[:, 2], p[:, 3] - p[:, 4]], -1) / 2e-3  # (eye, coordinate, angle)
-            ang = np.clip(ang - np.stack([np.linalg.lstsq(jac[k], r[k], rcond=None)[0] for k in range(2)]),
-                          -0.8, 0.8)
-        out = {}
-        for k, side in enumerate(sides):
-            ratio = _opening(landmarks_px[:, :2], EYES[side]) / max(self.open0[side], 1e-6)
-            visible = float(np.clip((ratio - 0.25) / 0.35, 0.0, 1.0))
-            rest_yaw, rest_pitch = self.rest_deg[side]
-            out[side] = ((math.degrees(ang[k, 0]) + rest_yaw) * visible,
-                         (math.degrees(ang[k, 1]) + rest_pitch) * visible)
+            p = project(ang[:, :, None, :] + steps)
+            r = p[:, :, 0] - target
+            jac = np.stack([p[:, :, 1] - p[:, :, 2], p[:, :, 3] - p[:, :, 4]], -1) / 2e-3  # (B, eye, coord, angle)
+            # least squares (minimum norm where the 2x2 system is singular, as lstsq)
+            ang = np.clip(ang - (np.linalg.pinv(jac) @ r[..., None])[..., 0], -0.8, 0.8)
+        out = []
+        for b in range(len(lm)):
+            g = {}
+            for k, side in enumerate(sides):
+                ratio = _opening(lm[b, :, :2], EYES[side]) / max(self.open0[side], 1e-6)
+                visible = float(np.clip((ratio - 0.25) / 0.35, 0.0, 1.0))
+                rest_yaw, rest_pitch = self.rest_deg[side]
+                g[side] = ((math.degrees(ang[b, k, 0]) + rest_yaw) * visible,
+                           (math.degrees(ang[b, k, 1]) + rest_pitch) * visible)
+            out.append(g)
         return out
 
 

@@ -76,17 +76,20 @@ class Regressor:
     def head_expressions(self, landmarks_px: list[np.ndarray], cameras: list[Camera], rotations: list[np.ndarray],
                          translations: list[np.ndarray], identities: list[np.ndarray]) -> np.ndarray:
         """`head_expression` of many faces in one call of the expression MLP: (B, n_exp)."""
-        refs, scales = [], []
-        for cam, rc, t, ident in zip(cameras, rotations, translations, identities):
-            neutral = self.fitter.model_points(ident, np.zeros(self.model.n_exp)) @ rc.T + t
-            refs.append(cam.project(neutral))
-            scales.append(cam.fx / max(t[2], 1e-3))
+        rc, t = np.stack(rotations), np.stack(translations)
+        B = len(rc)
+        neutral = self.fitter.L0 + (np.stack(identities) @ self.fitter._id_flat).reshape(B, -1, 3)
+        pc = neutral @ rc.transpose(0, 2, 1) + t[:, None, :]
+        f = np.array([[c.fx, c.fy] for c in cameras])[:, None, :]
+        c0 = np.array([[c.cx, c.cy] for c in cameras])[:, None, :]
+        refs = pc[..., :2] / pc[..., 2:3] * f + c0
+        scales = f[:, 0, 0] / np.maximum(t[:, 2], 1e-3)
         with torch.inference_mode():
             offsets, yaw_pitch = expression_features(
                 torch.from_numpy(np.ascontiguousarray(np.stack([lm[:N_INPUT_POINTS, :2] for lm in landmarks_px]),
                                                       np.float32)),
-                torch.from_numpy(np.stack(refs).astype(np.float32)),
-                torch.tensor(scales, dtype=torch.float32),
+                torch.from_numpy(refs.astype(np.float32)),
+                torch.from_numpy(scales.astype(np.float32)),
                 torch.from_numpy(np.stack(rotations).astype(np.float32)))
             exp = self.head.expression(offsets, yaw_pitch)
         return exp.numpy().astype(np.float64)
@@ -112,17 +115,23 @@ class Regressor:
         exp_head[:, eye_look] = prev_exp[:, eye_look]
         fits = self._batched[key].fit(np.stack([lm[:, :2] for lm in landmarks_px]), cameras, np.stack(rcs),
                                       np.stack(ts), prev_exp, np.stack(identities), exp_head, prev_exp, iterations=3)
-        return [self._finish(fit, lm, cam, head) for fit, lm, cam, head in zip(fits, landmarks_px, cameras, exp_head)]
+        return self._finish(fits, landmarks_px, cameras, exp_head)
 
-    def _finish(self, fit: FitResult, landmarks_px: np.ndarray, camera: Camera, exp_head: np.ndarray) -> Regression:
-        """What follows the fit: mouthClose held under jawOpen, then gaze and the eyeLook shapes it implies."""
+    def _finish(self, fits: list[FitResult], landmarks_px: list[np.ndarray], cameras: list[Camera],
+                exp_heads) -> list[Regression]:
+        """What follows the fit, for a batch: mouthClose held under jawOpen, then gaze (all faces' eyes in one
+        vectorised fit) and the eyeLook shapes it implies."""
         # mouthClose only makes sense on top of jawOpen (ICT README): keep mouthClose <= jawOpen
         jaw, close = self.model.exp_names.index("jawOpen"), self.model.exp_names.index("mouthClose")
-        fit.expression[close] = min(fit.expression[close], fit.expression[jaw])
-        gaze = self.gaze(landmarks_px, camera, fit.rotation_cam, fit.translation, fit.identity, fit.expression)
-        for k, v in eye_look_expression(gaze).items():
-            fit.expression[k] = v
-        return Regression(fit, gaze, exp_head)
+        for fit in fits:
+            fit.expression[close] = min(fit.expression[close], fit.expression[jaw])
+        gazes = self.gaze.batch(np.stack(landmarks_px), cameras, np.stack([f.rotation_cam for f in fits]),
+                                np.stack([f.translation for f in fits]), np.stack([f.identity for f in fits]),
+                                np.stack([f.expression for f in fits]))
+        for fit, gaze in zip(fits, gazes):
+            for k, v in eye_look_expression(gaze).items():
+                fit.expression[k] = v
+        return [Regression(fit, gaze, head) for fit, gaze, head in zip(fits, gazes, exp_heads)]
 
     def regress(self, landmarks_px: np.ndarray, camera: Camera, identity: np.ndarray,
                 previous: FitResult | None = None, fit_identity: bool = False) -> Regression:
@@ -149,4 +158,4 @@ class Regressor:
                               exp_prev=None if previous is None else previous.expression,
                               fit_identity=fit_identity, iterations=(6 if previous is None else 3)
                               + (2 if fit_identity else 0))
-        return self._finish(fit, landmarks_px, camera, exp_head)
+        return self._finish([fit], [landmarks_px], [camera], [exp_head])[0]

@@ -145,13 +145,28 @@ def test_regress_batch_matches_face_by_face(model, regressor):
 
 
 def test_regress_batch_on_cuda_matches_cpu(model, regressor):  # pragma: no cover - needs a GPU
+    """The CUDA fit (a captured CUDA graph per padded batch size) equals the CPU fit, on a full bucket (8), a
+    padded one (5 faces in the bucket of 8), on replay, and in eager mode."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: no CUDA device is visible (torch.cuda.is_available() is False)")
-    items = [list(x) for x in zip(*_tracked_faces(model, regressor, n=12))]
+    items = [list(x) for x in zip(*_tracked_faces(model, regressor, n=8))]
     cpu = regressor.regress_batch(*items)
-    gpu = regressor.regress_batch(*items, device="cuda")
-    for a, b in zip(cpu, gpu):
-        assert np.allclose(a.fit.expression, b.fit.expression, rtol=0, atol=1e-8)
-        assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, rtol=0, atol=1e-8)
+
+    def same(gpu, ref):
+        for a, b in zip(ref, gpu):
+            assert np.allclose(a.fit.expression, b.fit.expression, rtol=0, atol=1e-8)
+            assert np.allclose(a.fit.rotation_cam, b.fit.rotation_cam, rtol=0, atol=1e-8)
+            assert np.allclose(a.fit.translation, b.fit.translation, rtol=0, atol=1e-8)
+            assert a.fit.iterations == b.fit.iterations
+
+    same(regressor.regress_batch(*items, device="cuda"), cpu)
+    fitter = regressor._batched["cuda"]
+    assert fitter.graph_error is None, fitter.graph_error
+    assert (8, 3) in fitter._graphs
+    same(regressor.regress_batch(*items, device="cuda"), cpu)  # replay
+    same(regressor.regress_batch(*[x[:5] for x in items], device="cuda"), cpu[:5])  # padded bucket
+    fitter.graph_error = "eager for this test"
+    same(regressor.regress_batch(*items, device="cuda"), cpu)
+    fitter.graph_error = None
