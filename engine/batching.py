@@ -255,6 +255,7 @@ class BatchScheduler:
                  batch_regression: bool | None = None):
         self.pack = pack
         self.max_wait_ms = max_wait_ms
+        self.max_batch = max_batch
         self.detect = StageBatcher(pack.detector.batch, detect_max_batch, max_wait_ms, "detect")
         self.landmarks = StageBatcher(pack.landmarker.batch, max_batch, max_wait_ms, "landmarks")
         device = getattr(pack.backend, "device", None)
@@ -268,7 +269,8 @@ class BatchScheduler:
         return self.pack.regressor.regress_batch(lm, cams, idents, prevs, device=self.regress_device or "cpu")
 
     def warm(self) -> int:
-        """Capture the CUDA graphs of every batch bucket now (cuda backend), not on the first frames.
+        """Capture the CUDA graphs of every batch bucket now (cuda backend: the networks and the batched fit), not
+        on the first frames.
         Returns the number of captured shapes (0 on backends without graphs)."""
         runner = getattr(self.pack.backend, "runner", None)
         if runner is None:
@@ -279,6 +281,8 @@ class BatchScheduler:
             r = runner(net)
             if r is not None:
                 n += r.warm([shape], sizes=sizes)
+        if self.regress is not None:  # the batched fit's graphs (one per bucket size)
+            n += self.pack.regressor.warm_batch(self.regress_device, self.max_batch)
         return n
 
     def session(self, config=None, camera=None, profile=None, masks: str = "landmarks") -> Session:

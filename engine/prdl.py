@@ -61,6 +61,17 @@ def _is_cupy(xp) -> bool:
     return _cupy is not None and xp is _cupy
 
 
+def bincount(xp, idx, weights=None, length: int = 0):
+    """``xp.bincount(idx, weights, minlength=length)`` for indices known to lie in [0, length): NumPy's
+    bincount; elsewhere a scatter-add into ``length`` zeros, because CuPy's bincount reads the largest index
+    back to the host (a device synchronisation per call) to size its output."""
+    if xp is np:
+        return np.bincount(idx, weights=weights, minlength=length)
+    out = xp.zeros(length, xp.float64 if weights is not None else xp.int64)
+    xp.add.at(out, idx, 1 if weights is None else weights)
+    return out
+
+
 def _float_dtype(a, xp):
     dt = np.dtype(a.dtype)
     return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float32)
@@ -287,8 +298,9 @@ def _sq_distances(pts, mask, anchors, eps, xp):
     v_aug[:, 2] = 1.0
     v_aug[:, 3] = v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + dt.type(eps)
     d = xp.matmul(a_aug, v_aug)
-    bound = 64 * float(xp.finfo(dt).eps) * (float(a_aug[..., 2].max()) + float(v_aug[:, 3].max()))
-    if eps <= bound:
+    # cancellation can leave a squared distance below eps (or negative): clamp where it can (NumPy checks the
+    # bound first, to skip a pass; elsewhere reading the bound back would cost a device synchronisation)
+    if xp is not np or eps <= 64 * float(xp.finfo(dt).eps) * (float(a_aug[..., 2].max()) + float(v_aug[:, 3].max())):
         xp.maximum(d, dt.type(eps), out=d)
     return d, mask.sum(1), filled, first
 
@@ -406,8 +418,8 @@ def prdl_loss_and_grad(pred_points, pred_mask, target_desc, anchors, part_weight
     asel = xp.broadcast_to(ap[:, :, None, :], (parts, na, 2, 2)).reshape(-1, 2)
     contrib = csel[:, None] * (vsel - asel)
     n = parts * pm
-    g[:, 0] = xp.bincount(flat, weights=contrib[:, 0], minlength=n)
-    g[:, 1] = xp.bincount(flat, weights=contrib[:, 1], minlength=n)
+    g[:, 0] = bincount(xp, flat, contrib[:, 0], n)
+    g[:, 1] = bincount(xp, flat, contrib[:, 1], n)
     g = g.reshape(parts, pm, 2)
 
     # mean: every valid point; sum_a c_a (v - a) / d_av = v * (c @ 1/D) - (c * a) @ 1/D
@@ -491,7 +503,7 @@ def gauss_newton_terms(pred_points, pred_mask, target_desc, anchors, part_weight
     rr = r * 2.0
     flat = (idx + (xp.arange(parts) * pm)[:, None, None]).reshape(-1, 1) * 2 + xp.arange(2)  # (x, y) slots
     contrib = rr[..., :2, None] * unit
-    g = xp.bincount(flat.reshape(-1), weights=contrib.reshape(-1), minlength=parts * pm * 2)
+    g = bincount(xp, flat.reshape(-1), contrib.reshape(-1), parts * pm * 2)
     g = g.astype(dt).reshape(parts, pm, 2)
     cm = rr[..., 2] * mean_scale[:, None]  # (parts, A)
     wmat = xp.empty((parts, 3, na), dt)
@@ -529,9 +541,9 @@ def normal_equations(points_jac, terms: GNTerms, *, mean_anchor_stride: int = 1)
     flat = (terms.index + (xp.arange(parts) * pm)[:, None, None]).reshape(-1)
     u = terms.unit.reshape(-1, 2).astype(dt)
     nv = parts * pm
-    sxx = xp.bincount(flat, weights=u[:, 0] * u[:, 0], minlength=nv).astype(dt)
-    sxy = xp.bincount(flat, weights=u[:, 0] * u[:, 1], minlength=nv).astype(dt)
-    syy = xp.bincount(flat, weights=u[:, 1] * u[:, 1], minlength=nv).astype(dt)
+    sxx = bincount(xp, flat, u[:, 0] * u[:, 0], nv).astype(dt)
+    sxy = bincount(xp, flat, u[:, 0] * u[:, 1], nv).astype(dt)
+    syy = bincount(xp, flat, u[:, 1] * u[:, 1], nv).astype(dt)
     act = xp.nonzero((sxx + syy) > 0)[0]
     Ga = Gf[act]  # (m, 2, n)
     SG = xp.stack([sxx[act, None] * Ga[:, 0] + sxy[act, None] * Ga[:, 1],

@@ -276,9 +276,13 @@ def splat_visibility(xp, occ_uv, occ_z, uv, z, cell, size: float, tol):
     first = xp.ones(sk.shape[0], bool)
     first[1:] = cell_of[1:] != cell_of[:-1]
     first &= cell_of < B * G * G
-    zb = xp.full(B * G * G, xp.inf)
-    c = cell_of[first]
-    zb[c] = zmin[c // (G * G), 0] + (sk[first] & ((1 << zbits) - 1)) / 4096.0
+    # nearest depth per cell; the other keys write to a spare last cell (no compaction: nothing is read back
+    # to the host, on a GPU)
+    n_cells = B * G * G
+    zb = xp.full(n_cells + 1, xp.inf)
+    c = xp.where(first, cell_of, n_cells)
+    zb[c] = zmin[xp.minimum(c // (G * G), B - 1), 0] + (sk & ((1 << zbits) - 1)) / 4096.0
+    zb[n_cells] = xp.inf
     ok, k = cells(uv)
     return ok & (z <= zb[k] + tol)
 
@@ -498,16 +502,6 @@ class PrdlRefiner:
             # one (1, n_exp) product per face: the same rounding in any batch; f32: ~1e-5 cm
             return project(base + (E_.astype(xp.float32)[:, None, :] @ exp_flat)[:, 0].reshape(base.shape), RC_, T_)
 
-        def slot_points(sel, uvc):
-            """Predicted points (B, q, pm, 2): the mean of each cell's member candidates."""
-            member, slot, count, gstart, gslot = sel[0], sel[1], sel[2], sel[5], sel[6]
-            flat = uvc.reshape(-1, 2)
-            out = xp.zeros((len(count), 2))
-            n = xp.maximum(count[gslot], 1)
-            for k in range(2):
-                out[gslot, k] = _segment_sums(xp, flat[:, k][member], gstart, slot) / n
-            return out.reshape(B, q, pm, 2)
-
         def prior_cost(E_):
             d = (E_ - P0) * free
             dp = (E_ - Pv) * free
@@ -519,9 +513,12 @@ class PrdlRefiner:
             PRDL loss with (``gradient``) its residuals' point Jacobian terms."""
             uvc_, pcc_ = candidates(E_, RC_, T_) if projected is None else projected
             sel_ = select_cells(xp, uvc_, visible, cand_part, cells, q, pm)
-            pe_ = max(int(sel_[4].sum(1).max()), 1)  # slots fill from 0 in every part: the first pe_ suffice
-            uv_ = slot_points(sel_, uvc_)[:, :, :pe_].reshape(B * q, pe_, 2).astype(xp.float32)
-            smask = sel_[4][:, :pe_]
+            # slots fill from 0 in every part: the first pe_ suffice (NumPy; elsewhere finding pe_ would be a
+            # device synchronisation per evaluation, and the GPU does not mind the empty slots)
+            pe_ = max(int(sel_.mask.sum(1).max()), 1) if xp is np else pm
+            uv_ = sel_.means(xp, uvc_.reshape(-1, 2)).reshape(B, q, pm, 2)[:, :, :pe_]
+            uv_ = uv_.reshape(B * q, pe_, 2).astype(xp.float32)
+            smask = sel_.mask[:, :pe_]
             if gradient:
                 terms_ = prdl.gauss_newton_terms(uv_, smask, tdesc, anchors, weights, target_valid=tvalid,
                                                  channel_weights=chw, xp=xp)
@@ -549,7 +546,7 @@ class PrdlRefiner:
         for it in range(1, cfg.iterations + 1):
             pe = st.pe
             # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
-            rep = st.sel[3].reshape(B * q, pm)[:, :pe].reshape(-1)
+            rep = st.sel.rep.reshape(B * q, pm)[:, :pe].reshape(-1)
             sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
             pc_rep = st.pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
             jtr = slot_gradient(xp, st.terms.grad.reshape(B, q * pe, 2), pc_rep, T, RC, sbasis, cam, aff)
@@ -598,7 +595,7 @@ class PrdlRefiner:
                 break
         loss_after, sel = st.loss, st.sel
         used = np.zeros((B, self.n_parts), bool)
-        used[:, list(parts)] = _host((tvalid & sel[4].any(1) & (weights != 0)).reshape(B, q))
+        used[:, list(parts)] = _host((tvalid & sel.mask.any(1) & (weights != 0)).reshape(B, q))
         worse = loss_after > loss_before  # (the prior can trade a little PRDL loss): never worse than the start
         RC = xp.where(worse[:, None, None], rc0, RC)
         T = xp.where(worse[:, None], t0, T)
@@ -614,7 +611,7 @@ class _State:
     """One parameter state's evaluation inside `PrdlRefiner.refine_batch`."""
 
     pcc: object  # (B, C, 3) camera points of all candidates
-    sel: tuple  # `select_cells` result
+    sel: CellSelection
     pe: int  # slots used per part
     terms: prdl.GNTerms | None  # None after the last iteration (only the loss is needed)
     loss: object  # (B,) PRDL loss
@@ -685,27 +682,18 @@ def cell_centroids(xy: np.ndarray, part: np.ndarray, cells: np.ndarray, n_parts:
     return pts, mask, cells
 
 
-def _segment_sums(xp, values, starts, segment_of):
-    """Sums of the runs of ``values`` that begin at ``starts`` (segment ``segment_of[i]`` of each value, runs in
-    order): NumPy's reduceat, several times faster than a weighted bincount; elsewhere (CuPy) the bincount."""
-    if len(starts) == 0:  # no member at all (every candidate hidden or off the crop)
-        return xp.zeros(0)
-    if xp is np:
-        return np.add.reduceat(values.astype(np.float64), starts)
-    ids = xp.cumsum(xp.concatenate([xp.zeros(1, bool), segment_of[1:] != segment_of[:-1]]))
-    return xp.bincount(ids, weights=values.astype(xp.float64), minlength=len(starts))
-
-
 def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     """Batched cell grouping of predicted points (the prediction's side of `cell_centroids`).
 
     uv (B, C, 2) crop points of the candidates, visible (B, C), cand_part (C,), cells (B, q). The visible
     candidates of each (face, part) are grouped by grid cell; each group is one predicted point, the mean of
-    its members. Returns (member (M,) flat candidate index b*C + c, slot (M,) flat slot (b*q + p)*pm + k,
-    count (B*q*pm,), rep (B*q*pm,) the member nearest its cell's centre (flat candidate index), slot mask
-    (B*q, pm), gstart (G,) where each group's members start in ``member`` (groups are contiguous there),
-    gslot (G,) each group's slot). Groups beyond ``pm`` per part are dropped (cell sizes are chosen so that this is rare).
-    Only sorts, cumulative sums and bincounts: the same code runs on NumPy and CuPy."""
+    its members. Returns a `CellSelection`. Groups beyond ``pm`` per part are dropped (cell sizes are chosen so
+    that this is rare).
+
+    One sort of packed keys for all faces, then cumulative sums and scatters. NumPy compacts the arrays to the
+    visible candidates and the groups (its reduceat needs them contiguous); other array modules (CuPy) keep
+    every array at its full length and send what is dropped to a spare last slot, so that nothing is read back
+    to the host: no device synchronisation."""
     B, C, _ = uv.shape
     H = 512  # cells per axis either side of 0: keys hold cell x and y in 10 bits each
     inv = (1.0 / cells[:, cand_part]).astype(uv.dtype)  # (B, C)
@@ -725,30 +713,75 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     if ((big + 1) << (30 + cbits)).bit_length() > 63:
         raise ValueError(f"select_cells: a batch of {B} faces x {C} candidates overflows the 64-bit sort keys")
     cell = (xp.where(ok, fp, big) << 20) | (gy << 10) | gx
-    n_ok = int(ok.sum())
-    skey = xp.sort(((((cell << 10) | dq) << cbits) | xp.arange(C)[None, :]).reshape(-1))[:n_ok]
-    sk = skey >> (10 + cbits)  # cell
-    order = ((sk >> 20) // q) * C + (skey & ((1 << cbits) - 1))  # flat candidate index b*C + c
-    new = xp.ones(n_ok, bool)
-    new[1:] = sk[1:] != sk[:-1]
-    starts = xp.nonzero(new)[0]
-    gid = xp.cumsum(new) - 1
-    gpart = sk[starts] >> 20
-    cnt = xp.bincount(gpart, minlength=B * q)
-    rank = xp.arange(len(starts)) - (xp.cumsum(cnt) - cnt)[gpart]
-    keep_g = rank < pm
-    slot_g = xp.where(keep_g, gpart * pm + rank, -1)
-    slot_m = slot_g[gid]
-    keep_m = slot_m >= 0
-    member, slot = order[keep_m], slot_m[keep_m]
+    skey = xp.sort(((((cell << 10) | dq) << cbits) | xp.arange(C)[None, :]).reshape(-1))
     S = B * q * pm
-    count = xp.bincount(slot, minlength=S)
-    rep = xp.zeros(S, xp.int64)
-    gslot = slot_g[keep_g]
-    rep[gslot] = order[starts[keep_g]]
-    gcount = count[gslot]
-    gstart = xp.cumsum(gcount) - gcount  # each kept group's first position in ``member``
-    return member, slot, count, rep, (count > 0).reshape(B * q, pm), gstart, gslot
+    compact = xp is np
+    if compact:
+        skey = skey[:int(ok.sum())]  # hidden candidates sort last
+    sk = skey >> (10 + cbits)  # cell
+    gpart_m = sk >> 20  # (face, part) of each candidate; ``big`` for a hidden one
+    order = (xp.minimum(gpart_m, big - 1) // q) * C + (skey & ((1 << cbits) - 1))  # flat candidate b*C + c
+    new = gpart_m < big
+    new[1:] &= sk[1:] != sk[:-1]
+    gid = xp.cumsum(new) - 1  # group of each candidate
+    if compact:
+        first = xp.nonzero(new)[0]  # each group's first candidate
+        gpart = gpart_m[first]
+    else:  # groups at their full possible count (one per candidate) + a spare slot for the rest
+        n = len(sk)
+        gi = xp.where(new, gid, n)
+        first = xp.zeros(n + 1, xp.int64)
+        first[gi] = xp.arange(n)
+        gpart = xp.full(n + 1, big, xp.int64)
+        gpart[gi] = gpart_m
+        gpart[n] = big
+    cnt = prdl.bincount(xp, gpart, None, big + 1)[:big]  # groups per (face, part)
+    rank = xp.arange(len(gpart)) - (xp.cumsum(cnt) - cnt)[xp.minimum(gpart, big - 1)]  # groups of a part are adjacent
+    keep_g = (gpart < big) & (rank < pm)
+    slot_g = xp.where(keep_g, gpart * pm + rank, S)  # S: dropped
+    slot = slot_g[gid] if compact else xp.where(gpart_m < big, slot_g[gid], S)
+    if compact:
+        keep_m = slot < S
+        member, slot = order[keep_m], slot[keep_m]
+        gslot = slot_g[keep_g]
+    else:
+        member, gslot = order, None
+    count = prdl.bincount(xp, slot, None, S + 1)[:S]
+    rep = xp.zeros(S + 1, xp.int64)
+    rep[slot_g] = order[first[:len(slot_g)] if compact else first]  # the first member: nearest the centre
+    gstart = None
+    if compact:
+        gcount = count[gslot]
+        gstart = xp.cumsum(gcount) - gcount  # each kept group's first position in ``member``
+    return CellSelection(member, slot, count, rep[:S], (count > 0).reshape(B * q, pm), gstart, gslot)
+
+
+@dataclass
+class CellSelection:
+    """`select_cells`'s grouping of candidates into predicted points (slots (face, part, k), flat)."""
+
+    member: object  # (M,) flat candidate index b*C + c of each member
+    slot: object  # (M,) its slot (B*q*pm: dropped, on the array modules that do not compact)
+    count: object  # (B*q*pm,) members per slot
+    rep: object  # (B*q*pm,) the member nearest the cell's centre (flat candidate index)
+    mask: object  # (B*q, pm) slots in use
+    gstart: object  # NumPy: (G,) each kept group's first position in ``member`` (groups are contiguous there)
+    gslot: object  # NumPy: (G,) each kept group's slot
+
+    def means(self, xp, values):
+        """Per-slot means (B*q*pm, d) of candidate values (B*C, d): NumPy sums the contiguous runs with
+        reduceat (several times faster than a weighted bincount); elsewhere a scatter-add with a spare slot."""
+        S = len(self.count)
+        out = xp.zeros((S, values.shape[1]))
+        n = xp.maximum(self.count, 1)
+        for k in range(values.shape[1]):
+            v = values[:, k][self.member]
+            if xp is np:
+                if len(self.gstart):  # no member at all: every candidate hidden or off the crop
+                    out[self.gslot, k] = np.add.reduceat(v.astype(np.float64), self.gstart) / n[self.gslot]
+            else:
+                out[:, k] = prdl.bincount(xp, self.slot, v.astype(xp.float64), S + 1)[:S] / n
+        return out
 
 
 def _projection_rows(xp, pc, cam, aff):
@@ -836,15 +869,18 @@ def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_str
     flat = (terms.index + (xp.arange(parts) * pm)[:, None, None]).reshape(-1)
     u = terms.unit.reshape(-1, 2).astype(dt)
     nv = parts * pm
-    sxx = xp.bincount(flat, weights=u[:, 0] * u[:, 0], minlength=nv).astype(dt).reshape(B, q * pm, 1)
-    sxy = xp.bincount(flat, weights=u[:, 0] * u[:, 1], minlength=nv).astype(dt).reshape(B, q * pm, 1)
-    syy = xp.bincount(flat, weights=u[:, 1] * u[:, 1], minlength=nv).astype(dt).reshape(B, q * pm, 1)
+    sxx = prdl.bincount(xp, flat, u[:, 0] * u[:, 0], nv).astype(dt).reshape(B, q * pm, 1)
+    sxy = prdl.bincount(xp, flat, u[:, 0] * u[:, 1], nv).astype(dt).reshape(B, q * pm, 1)
+    syy = prdl.bincount(xp, flat, u[:, 1] * u[:, 1], nv).astype(dt).reshape(B, q * pm, 1)
     # only points selected by some min/max residual have S_v != 0: gather those (padded to the most per face)
-    act = ((sxx + syy) > 0)[..., 0]
-    kmax = max(int(act.sum(1).max()), 1)
-    idx = xp.argsort(~act, axis=1, kind="stable")[:, :kmax]  # active points first
-    take = lambda arr: xp.take_along_axis(arr, idx.reshape(idx.shape + (1,) * (arr.ndim - 2)), 1)  # noqa: E731
-    Ga, sxx, sxy, syy = take(Gb), take(sxx), take(sxy), take(syy)  # inactive fillers have S = 0
+    # (NumPy; elsewhere all points are kept: counting the active ones is a device synchronisation)
+    Ga = Gb
+    if xp is np:
+        act = ((sxx + syy) > 0)[..., 0]
+        kmax = max(int(act.sum(1).max()), 1)
+        idx = xp.argsort(~act, axis=1, kind="stable")[:, :kmax]  # active points first
+        take = lambda arr: xp.take_along_axis(arr, idx.reshape(idx.shape + (1,) * (arr.ndim - 2)), 1)  # noqa: E731
+        Ga, sxx, sxy, syy = take(Gb), take(sxx), take(sxy), take(syy)  # inactive fillers have S = 0
     SG = xp.stack([sxx * Ga[:, :, 0] + sxy * Ga[:, :, 1], sxy * Ga[:, :, 0] + syy * Ga[:, :, 1]], 2)
     jtj = xp.matmul(Ga.reshape(B, -1, n).transpose(0, 2, 1), SG.reshape(B, -1, n))
     s = max(int(mean_anchor_stride), 1)

@@ -117,6 +117,24 @@ class Regressor:
                                       np.stack(ts), prev_exp, np.stack(identities), exp_head, prev_exp, iterations=3)
         return self._finish(fits, landmarks_px, cameras, exp_head)
 
+    def warm_batch(self, device: torch.device | str, max_batch: int) -> int:
+        """Run `regress_batch` once at every CUDA-graph bucket size up to ``max_batch`` (a frontal neutral face),
+        so that no live frame waits for a graph capture. Returns the number of captured graphs (0 off CUDA)."""
+        from engine.fitting_batched import BatchedLandmarkFitter
+        from engine.geometry import FLIP
+
+        cam = Camera.from_fov(640, 480)
+        ident = np.zeros(self.model.n_id)
+        rc, t = FLIP.copy(), np.array([0.0, 0.0, 60.0])
+        lm = cam.project(self.model.landmarks(ident).astype(np.float64) @ rc.T + t)
+        prev = FitResult(rc, t, np.zeros(self.model.n_exp), ident, 0.0, 0.0, 0)
+        for b in BatchedLandmarkFitter.GRAPH_BUCKETS:
+            if b > max_batch:
+                break
+            self.regress_batch([lm] * b, [cam] * b, [ident] * b, [prev] * b, device=device)
+        fitter = self._batched.get(str(torch.device(device)))
+        return len(fitter._graphs) if fitter is not None else 0
+
     def _finish(self, fits: list[FitResult], landmarks_px: list[np.ndarray], cameras: list[Camera],
                 exp_heads) -> list[Regression]:
         """What follows the fit, for a batch: mouthClose held under jawOpen, then gaze (all faces' eyes in one

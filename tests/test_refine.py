@@ -7,36 +7,48 @@ import pytest
 from engine.refine import RefineConfig, cell_centroids, select_cells, splat_visibility
 
 
-def test_target_and_prediction_cells_agree():
+class _NumpyAsAnotherModule:
+    """NumPy under another name: `select_cells` takes the path it takes on CuPy (no compaction, spare slot)."""
+
+    __name__ = "numpy_as_another_module"
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("xp", [np, _NumpyAsAnotherModule()], ids=["numpy", "gpu-path"])
+def test_target_and_prediction_cells_agree(xp):
     """The same points grouped on the target side (dense grid) and the prediction side (sort, batched) give
-    the same cell means, in the same slots."""
+    the same cell means, in the same slots, on both paths of `select_cells`."""
     rng = np.random.default_rng(0)
     xy = rng.uniform(1.0, 60.0, (400, 2))
     part = rng.integers(0, 3, 400)
     cells = np.array([3.0, 5.0, 7.5])
     pts, mask, cells_out = cell_centroids(xy, part, cells, 3, 160)
     assert np.array_equal(cells_out, cells)
-    # one face, every candidate visible
-    member, slot, count, rep, smask, gstart, gslot = select_cells(np, xy[None], np.ones((1, 400), bool), part,
-                                                                  cells[None], 3, 160)
-    assert np.array_equal(smask, mask)
-    assert np.array_equal(np.sort(gslot), np.nonzero(count)[0]) and np.array_equal(slot[gstart], gslot)
-    x = np.bincount(slot, xy[member, 0], minlength=3 * 160) / np.maximum(count, 1)
-    y = np.bincount(slot, xy[member, 1], minlength=3 * 160) / np.maximum(count, 1)
-    assert np.allclose(np.stack([x, y], -1).reshape(3, 160, 2)[mask], pts[mask])
+    visible = np.ones((1, 400), bool)
+    visible[0, :7] = False  # hidden candidates belong to no cell
+    xy[:7] = 1000.0
+    sel = select_cells(xp, xy[None], visible, part, cells[None], 3, 160)
+    pts, mask, _ = cell_centroids(xy[7:], part[7:], cells, 3, 160)
+    assert np.array_equal(sel.mask, mask)
+    means = sel.means(xp, xy).reshape(3, 160, 2)
+    assert np.allclose(means[mask], pts[mask]) and not means[~mask].any()
+    member, slot, count, rep = sel.member, sel.slot, sel.count, sel.rep
     # brute force: each occupied cell's mean, cells in row-major order per part
     for p in range(3):
-        g = np.floor(xy[part == p] / cells[p]).astype(int)
+        g = np.floor(xy[7:][part[7:] == p] / cells[p]).astype(int)
         keys = sorted(set(map(tuple, g[:, ::-1])))
         assert mask[p].sum() == len(keys)
         for k, (gy, gx) in enumerate(keys):
-            sel = (g[:, 0] == gx) & (g[:, 1] == gy)
-            assert np.allclose(pts[p, k], xy[part == p][sel].mean(0))
+            in_cell = (g[:, 0] == gx) & (g[:, 1] == gy)
+            assert np.allclose(pts[p, k], xy[7:][part[7:] == p][in_cell].mean(0))
     # the representative of a cell is its member nearest the cell centre
     flat_rep = rep.reshape(3, 160)[mask]
     slots = np.nonzero(mask.reshape(-1))[0]
     for s_, r in zip(slots, flat_rep):
         members = member[slot == s_]
+        assert len(members) == count[s_] and r in members and not (members < 7).any()
         c = (np.floor(xy[members[0]] / cells[part[members[0]]]) + 0.5) * cells[part[members[0]]]
         d = ((xy[members] - c) ** 2).sum(1)
         assert d[list(members).index(r)] <= d.min() + 1e-3 * cells.max() ** 2
@@ -140,21 +152,3 @@ def test_loss_optimum_is_near_the_truth(model, refiner):
         moved.append(np.degrees(np.arccos(np.clip((np.trace(res.rotation_cam.T @ face.rotation_cam) - 1) / 2, -1, 1))))
     assert np.mean(ious) > 0.85, f"mean part IoU after refining from the truth: {np.mean(ious):.3f}"
     assert np.mean(moved) < 1.0, f"rotation drift from the truth: {np.mean(moved):.2f} deg"
-
-
-def test_segment_sums_branches_agree():
-    """NumPy sums runs with reduceat; other array modules (CuPy) with a bincount over run ids: same sums."""
-    import types
-
-    from engine.refine import _segment_sums
-
-    rng = np.random.default_rng(0)
-    seg = np.sort(rng.integers(0, 40, 500))  # non-decreasing segment of each value, runs in order
-    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-    vals = rng.normal(size=500).astype(np.float32)
-    other = types.SimpleNamespace(**{k: getattr(np, k) for k in ("cumsum", "concatenate", "zeros", "bincount",
-                                                                 "float64")})
-    a = _segment_sums(np, vals, starts, seg)
-    b = _segment_sums(other, vals, starts, seg)
-    ref = np.array([vals[seg == s].astype(np.float64).sum() for s in np.unique(seg)])
-    assert np.allclose(a, ref) and np.allclose(b, ref)

@@ -110,8 +110,8 @@ def test_the_other_array_module_path_runs_here(refiner, problems):
 
     a = refiner.refine_batch(problems[:3])
     b = refiner.refine_batch(problems[:3], xp=OtherModule("numpy_as_another_module"))
-    for x, y in zip(a, b):
-        assert np.allclose(x.expression, y.expression, atol=1e-6)
+    for x, y in zip(a, b):  # the other path sums in float32 over all slots, scatter-adds cell means: ~2e-6
+        assert np.allclose(x.expression, y.expression, atol=1e-5)
         assert x.loss_after == pytest.approx(y.loss_after, rel=1e-5)
 
 

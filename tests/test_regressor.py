@@ -170,3 +170,4 @@ def test_regress_batch_on_cuda_matches_cpu(model, regressor):  # pragma: no cove
     fitter.graph_error = "eager for this test"
     same(regressor.regress_batch(*items, device="cuda"), cpu)
     fitter.graph_error = None
+    assert regressor.warm_batch("cuda", 16) >= 5  # buckets 1, 2, 4, 8, 16
