@@ -385,6 +385,10 @@ def _sum_header(r):
     if "graphs_captured" in r:
         lines.append(f"CUDA graphs captured: {r['graphs_captured']} in {r['graph_capture_s']} s"
                      + (f"; capture errors: {r['graph_capture_errors']}" if r.get("graph_capture_errors") else ""))
+    if "regress_graphs" in r:
+        g = r["regress_graphs"]
+        lines.append(f"batched fit graphs (batch buckets): {[b for b, _ in g['captured']]}"
+                     + (f"; capture errors: {g['errors']}" if g["errors"] else ""))
     return lines + [""]
 
 
@@ -513,6 +517,7 @@ def main(argv=None) -> int:
             result["graph_capture_errors"] = dev_pack.backend.capture_errors()
         result["backend"] = dev_pack.backend.describe()
         result["graph_capture_s"] = round(time.perf_counter() - t0, 2)
+        result["regress_graphs"] = dev_pack.regressor.batched_graphs(sched.regress_device or "cpu")
 
     def save(final: bool = False):
         """Results so far to --out (after every step, so a run cut short by a time limit keeps them)."""

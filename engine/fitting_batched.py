@@ -61,7 +61,8 @@ class BatchedLandmarkFitter:
         self.pos = torch.as_tensor(pos, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], _CapturedFit] = {}
         self._graph_lock = threading.Lock()
-        self.graph_error: str | None = None  # why CUDA graphs are off (the fit then runs eagerly)
+        self.use_graphs = True  # on CUDA: one captured graph per bucket size
+        self.graph_errors: dict[tuple[int, int], str] = {}  # (bucket, iterations) -> why its capture failed
 
     def fit(self, obs_px: np.ndarray, cameras: list[Camera], rotation_cam: np.ndarray, translation: np.ndarray,
             expression: np.ndarray, identity: np.ndarray, exp_prior: np.ndarray, exp_prev: np.ndarray,
@@ -94,20 +95,19 @@ class BatchedLandmarkFitter:
     GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
     def _graph(self, host: list[np.ndarray], iterations: int):
-        """The captured graph for this batch's padded size (captured on first use), or None: eager."""
+        """The captured graph for this batch's padded size (captured on first use), or None: eager (off CUDA,
+        above the largest bucket, with ``use_graphs`` off, or where this bucket's capture failed)."""
         bucket = next((b for b in self.GRAPH_BUCKETS if b >= len(host[0])), None)
-        if bucket is None or self.graph_error:
+        if bucket is None or not self.use_graphs:
             return None
+        key = (bucket, iterations)
         with self._graph_lock:
-            key = (bucket, iterations)
-            if key not in self._graphs:
+            if key not in self._graphs and key not in self.graph_errors:
                 try:
                     self._graphs[key] = _CapturedFit(self, bucket, iterations, host)
                 except Exception as exc:  # noqa: BLE001 - capture is an optimisation: run eagerly, say why
-                    self.graph_error = f"CUDA graph capture of the batched fit failed, running eagerly: " \
-                                       f"{type(exc).__name__}: {exc}"
-                    return None
-            return self._graphs[key]
+                    self.graph_errors[key] = f"{type(exc).__name__}: {exc}"
+            return self._graphs.get(key)
 
     def _solve(self, obs, cam, rc, t, e, ident, prior, prev, *, iterations: int) -> torch.Tensor:
         """The batched Gauss-Newton iterations on device tensors, free of host synchronisation (so that it can
@@ -204,8 +204,15 @@ class _CapturedFit:
                 fitter._solve(*self.static, iterations=iterations)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fitter._solve(*self.static, iterations=iterations)
+        # torch picks MAGMA's batched LU for larger batches (32 faces on an H200), which a graph cannot hold;
+        # cuSOLVER / cuBLAS batched LU can be captured
+        library = torch.backends.cuda.preferred_linalg_library()
+        torch.backends.cuda.preferred_linalg_library("cusolver")
+        try:
+            with torch.cuda.graph(self.graph):
+                self.out = fitter._solve(*self.static, iterations=iterations)
+        finally:
+            torch.backends.cuda.preferred_linalg_library(library)
 
     def _pad(self, a: np.ndarray) -> np.ndarray:
         if len(a) == self.bucket:

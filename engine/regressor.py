@@ -102,7 +102,7 @@ class Regressor:
         float32 expression MLP run on the batch differs from a run per face by ~1e-7, and it is the fit's prior."""
         if not landmarks_px:
             return []
-        key = str(torch.device(device))
+        key = _device_key(device)
         if key not in self._batched:
             from engine.fitting_batched import BatchedLandmarkFitter
 
@@ -132,8 +132,14 @@ class Regressor:
             if b > max_batch:
                 break
             self.regress_batch([lm] * b, [cam] * b, [ident] * b, [prev] * b, device=device)
-        fitter = self._batched.get(str(torch.device(device)))
-        return len(fitter._graphs) if fitter is not None else 0
+        return len(self.batched_graphs(device)["captured"])
+
+    def batched_graphs(self, device) -> dict:
+        """The batched fit's CUDA graphs on ``device``: captured (bucket, iterations) and failed captures."""
+        fitter = self._batched.get(_device_key(device))
+        if fitter is None:
+            return {"captured": [], "errors": {}}
+        return {"captured": sorted(fitter._graphs), "errors": {str(k): v for k, v in fitter.graph_errors.items()}}
 
     def _finish(self, fits: list[FitResult], landmarks_px: list[np.ndarray], cameras: list[Camera],
                 exp_heads) -> list[Regression]:
@@ -177,3 +183,11 @@ class Regressor:
                               fit_identity=fit_identity, iterations=(6 if previous is None else 3)
                               + (2 if fit_identity else 0))
         return self._finish([fit], [landmarks_px], [camera], [exp_head])[0]
+
+
+def _device_key(device) -> str:
+    """One name per device ("cuda" and "cuda:0" are the same GPU: one batched fitter and one set of graphs)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
