@@ -13,10 +13,11 @@ already running on the device is never interrupted, so a caller can get a result
 late, never a frame that waited in the queue past its deadline.
 
 `BatchScheduler` wires the stages to a Pack's detector and landmarker and makes per-session trackers
-(the ordinary `Tracker`, its network calls routed through the stages). On a GPU the regression of tracked faces
-is a third stage (`Regressor.regress_batch`: one expression-MLP call and one batched Gauss-Newton fit on the
-device for every session's face); new tracks and the identity phase, and every face on a CPU (where the per-face
-NumPy fit is the faster one), are regressed in the session's own thread.
+(the ordinary `Tracker`, its network calls routed through the stages). On a GPU the Gauss-Newton fit of tracked
+faces is a third stage (`Regressor.fit_tracked`: one batched fit on the device, a captured CUDA graph, for every
+session's face; each session runs its face's expression MLP before and its gaze after); new tracks and the
+identity phase, and every face on a CPU (where the per-face NumPy fit is the faster one), are regressed in the
+session's own thread.
 """
 from __future__ import annotations
 
@@ -203,9 +204,11 @@ class _SessionLandmarker:
 
 
 class StageRegressor:
-    """What a Tracker sees as its regressor when tracked faces are regressed elsewhere in batches: tracked faces
-    go to ``submit((landmarks, camera, identity, previous))``, which returns their Regression; new tracks and the
-    identity phase are regressed here, per face."""
+    """What a Tracker sees as its regressor when tracked faces are fitted elsewhere in batches. A tracked face's
+    expression MLP and its gaze run here (`Regressor.tracked_fits`, `Regressor.finish`: CPU work, spread over
+    the sessions); only the Gauss-Newton fit goes to ``submit(TrackedFit)``, which returns its FitResult (a
+    batched device stage: `Regressor.fit_tracked`). New tracks and the identity phase are regressed here, per
+    face."""
 
     def __init__(self, regressor, submit: Callable):
         self.regressor = regressor
@@ -214,7 +217,9 @@ class StageRegressor:
     def regress(self, landmarks_px, camera, identity, previous=None, fit_identity: bool = False):
         if previous is None or fit_identity:
             return self.regressor.regress(landmarks_px, camera, identity, previous, fit_identity=fit_identity)
-        return self.submit((landmarks_px, camera, identity, previous))
+        item = self.regressor.tracked_fits([landmarks_px], [camera], [identity], [previous])[0]
+        fit = self.submit(item)
+        return self.regressor.finish([fit], [landmarks_px], [camera], [item.exp_head])[0]
 
 
 class Session:
@@ -265,8 +270,7 @@ class BatchScheduler:
         self.regress = StageBatcher(self._regress_batch, max_batch, max_wait_ms, "regress") if batch_regression else None
 
     def _regress_batch(self, items: list) -> list:
-        lm, cams, idents, prevs = (list(x) for x in zip(*items))
-        return self.pack.regressor.regress_batch(lm, cams, idents, prevs, device=self.regress_device or "cpu")
+        return self.pack.regressor.fit_tracked(items, device=self.regress_device or "cpu")
 
     def warm(self) -> int:
         """Capture the CUDA graphs of every batch bucket now (cuda backend: the networks and the batched fit), not

@@ -448,12 +448,13 @@ def _sum_streams(r):
     if not sim:
         return []
     lines = ["simulated 30 fps streams (network process + session processes, see engine/bench_streams.py):",
-             "streams  procs  p50 ms  p95 ms  p99 ms  drop   fps/stream  mean batch  held (p95<=15ms, drops<=1%)"]
+             "wait ms  streams  procs  p50 ms  p95 ms  p99 ms  drop   fps/stream  mean batch  held (p95<=15ms, drops<=1%)"]
     for v in sim:
+        wait = f"{v.get('max_wait_ms', ''):>7}"
         if "error" in v:
-            lines.append(f"{v['streams']:>7}  error: {v['error']}")
+            lines.append(f"{wait}  {v['streams']:>7}  error: {v['error']}")
             continue
-        lines.append(f"{v['streams']:>7}  {v['processes']:>5}  {v['latency_ms_p50']:>6}  {v['latency_ms_p95']:>6}"
+        lines.append(f"{wait}  {v['streams']:>7}  {v['processes']:>5}  {v['latency_ms_p50']:>6}  {v['latency_ms_p95']:>6}"
                      f"  {v['latency_ms_p99']:>6}  {v['drop_rate']:>5}  {v['fps_per_stream']:>10}  "
                      f"{v['landmark_mean_batch']:>10}  {'yes' if v['held'] else 'no'}")
     return lines + [f"streams held at p95 <= 15 ms: {r.get('streams_held', 0)}", ""]
@@ -468,7 +469,8 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", default=None, help="stream counts to simulate (default cuda: 1,8,16,32,48,64; cpu: 1,2)")
     ap.add_argument("--streams-per-process", type=int, default=3,
                     help="streams per session process in the simulation (the per-face regressor holds the GIL)")
-    ap.add_argument("--max-wait-ms", type=float, default=2.0, help="the scheduler's collection window")
+    ap.add_argument("--max-wait-ms", default="2", help="the scheduler's collection window(s), ms: a comma list runs "
+                                                       "the stream simulation once per window")
     ap.add_argument("--stream-seconds", type=float, default=None)
     ap.add_argument("--regress-procs", type=int, default=None, help="processes for the regressor throughput step")
     ap.add_argument("--repeat", type=int, default=None)
@@ -492,6 +494,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     repeat = args.repeat or (5 if cpu_mode else 30)
     batches = [int(b) for b in args.batches.split(",")]
+    waits = [float(w) for w in str(args.max_wait_ms).split(",")]
     streams = [int(s) for s in (args.streams or ("1,2" if cpu_mode else "1,8,16,32,48,64")).split(",")]
     seconds = args.stream_seconds or (3.0 if cpu_mode else 4.0)
     out_dir = Path(args.out)
@@ -566,17 +569,20 @@ def main(argv=None) -> int:
 
         clips = load_clips(media, VIDEOS[:4], 60, 512)
         rows = []
-        for n in streams:
-            if time.perf_counter() - t_all > args.budget_s:
-                rows.append({"streams": n, "error": f"not run: time budget of {args.budget_s:g} s used up"})
-                break
-            print(f"bench_gpu: {n} streams ...", flush=True)
-            rows.append(simulate(dev_pack, clips, n, args.streams_per_process, seconds, args.max_wait_ms))
-            print("   ", rows[-1], flush=True)
-            result["streams"] = rows
-            save()
-            if "error" in rows[-1] or (not rows[-1]["held"] and rows[-1].get("drop_rate", 1) > 0.1):
-                break  # far past capacity: larger counts only cost time
+        for wait in waits:
+            for n in streams:
+                if time.perf_counter() - t_all > args.budget_s:
+                    rows.append({"streams": n, "max_wait_ms": wait,
+                                 "error": f"not run: time budget of {args.budget_s:g} s used up"})
+                    break
+                print(f"bench_gpu: {n} streams, collection window {wait:g} ms ...", flush=True)
+                rows.append({"max_wait_ms": wait,
+                             **simulate(dev_pack, clips, n, args.streams_per_process, seconds, wait)})
+                print("   ", rows[-1], flush=True)
+                result["streams"] = rows
+                save()
+                if "error" in rows[-1] or (not rows[-1]["held"] and rows[-1].get("drop_rate", 1) > 0.1):
+                    break  # far past capacity: larger counts only cost time
         return rows
 
     step("streams", sim)

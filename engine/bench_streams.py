@@ -4,9 +4,10 @@ The layout a multi-stream server needs on a many-core machine: one *network proc
 frames (decoded into shared memory, as a server's decoder would leave them) and the `BatchScheduler`;
 *session processes* run the per-stream trackers (the ordinary `Tracker`: ROI logic, filters), a few streams
 each, and send their network calls (frame handle + ROI) to the network process over a pipe. On a GPU the
-tracked faces' regression is sent there too and batched on the device (`Regressor.regress_batch`); new tracks,
-the identity phase, and on a CPU every face, are regressed per face in the session processes (the NumPy fit
-holds the GIL, so it is spread over processes).
+tracked faces' Gauss-Newton fit is sent there too and batched on the device (`Regressor.fit_tracked`; the
+expression MLP before it and the gaze after it stay in the session processes, `engine.batching.StageRegressor`);
+new tracks, the identity phase, and on a CPU every face, are regressed per face in the session processes (the
+NumPy fit holds the GIL, so it is spread over processes).
 
 Each stream's frames arrive at 30 fps (streams phase-shifted); processing latency is arrival -> the
 tracker's result for that frame. A frame that arrives while its stream is still busy with an earlier one

@@ -49,6 +49,17 @@ class Regression:
     head_expression: np.ndarray  # the learned head's guess (53,)
 
 
+@dataclass
+class TrackedFit:
+    """A tracked face ready for the batched fit (`Regressor.tracked_fits` -> `fit_tracked`)."""
+
+    landmarks_px: np.ndarray  # (478, >=2)
+    camera: Camera
+    identity: np.ndarray
+    previous: FitResult
+    exp_head: np.ndarray  # (n_exp,) the expression MLP's answer (eyeLook: the previous frame's): the prior
+
+
 class Regressor:
     def __init__(self, model: FaceModel, head: CoefficientHead | None = None, n_id_fit: int = 40,
                  weights: FitWeights | None = None):
@@ -94,28 +105,45 @@ class Regressor:
             exp = self.head.expression(offsets, yaw_pitch)
         return exp.numpy().astype(np.float64)
 
-    def regress_batch(self, landmarks_px: list[np.ndarray], cameras: list[Camera], identities: list[np.ndarray],
-                      previous: list[FitResult], device: torch.device | str = "cpu") -> list[Regression]:
-        """`regress` of many *tracked* faces at once (each with its previous frame's fit, identity held): one
-        expression-MLP call and one batched Gauss-Newton fit on ``device`` (`engine.fitting_batched`) for all of
-        them; gaze stays per face (two 2-parameter fits). Same answers as `regress` face by face to ~1e-8: the
-        float32 expression MLP run on the batch differs from a run per face by ~1e-7, and it is the fit's prior."""
-        if not landmarks_px:
+    def tracked_fits(self, landmarks_px: list[np.ndarray], cameras: list[Camera], identities: list[np.ndarray],
+                     previous: list[FitResult]) -> list["TrackedFit"]:
+        """The first step of regressing tracked faces (previous frame known, identity held): the expression
+        MLP's answer (one call for all faces), with the eyeLook shapes of the previous frame -- the fit's prior."""
+        eye_look = list(ICT_EYE_LOOK.values())
+        exp_head = self.head_expressions(landmarks_px, cameras, [p.rotation_cam for p in previous],
+                                         [p.translation for p in previous], identities)
+        exp_head[:, eye_look] = np.stack([p.expression for p in previous])[:, eye_look]
+        return [TrackedFit(lm, cam, ident, prev, head)
+                for lm, cam, ident, prev, head in zip(landmarks_px, cameras, identities, previous, exp_head)]
+
+    def fit_tracked(self, items: list["TrackedFit"], device: torch.device | str = "cpu") -> list[FitResult]:
+        """The second step: one batched Gauss-Newton fit of all faces on ``device`` (`engine.fitting_batched`;
+        on CUDA a captured graph). Pure arithmetic: the step a GPU stage runs for many sessions."""
+        if not items:
             return []
         key = _device_key(device)
         if key not in self._batched:
             from engine.fitting_batched import BatchedLandmarkFitter
 
             self._batched[key] = BatchedLandmarkFitter(self.fitter, device)
-        eye_look = list(ICT_EYE_LOOK.values())
-        rcs = [p.rotation_cam for p in previous]
-        ts = [p.translation for p in previous]
-        exp_head = self.head_expressions(landmarks_px, cameras, rcs, ts, identities)
-        prev_exp = np.stack([p.expression for p in previous])
-        exp_head[:, eye_look] = prev_exp[:, eye_look]
-        fits = self._batched[key].fit(np.stack([lm[:, :2] for lm in landmarks_px]), cameras, np.stack(rcs),
-                                      np.stack(ts), prev_exp, np.stack(identities), exp_head, prev_exp, iterations=3)
-        return self._finish(fits, landmarks_px, cameras, exp_head)
+        prev_exp = np.stack([it.previous.expression for it in items])
+        return self._batched[key].fit(np.stack([it.landmarks_px[:, :2] for it in items]), [it.camera for it in items],
+                                      np.stack([it.previous.rotation_cam for it in items]),
+                                      np.stack([it.previous.translation for it in items]), prev_exp,
+                                      np.stack([it.identity for it in items]),
+                                      np.stack([it.exp_head for it in items]), prev_exp, iterations=3)
+
+    def regress_batch(self, landmarks_px: list[np.ndarray], cameras: list[Camera], identities: list[np.ndarray],
+                      previous: list[FitResult], device: torch.device | str = "cpu") -> list[Regression]:
+        """`regress` of many *tracked* faces at once (each with its previous frame's fit, identity held):
+        `tracked_fits` (one expression-MLP call), `fit_tracked` (one batched fit on ``device``) and `finish`
+        (gaze of all faces at once). Same answers as `regress` face by face to ~1e-8: the float32 expression MLP
+        run on the batch differs from a run per face by ~1e-7, and it is the fit's prior."""
+        if not landmarks_px:
+            return []
+        items = self.tracked_fits(landmarks_px, cameras, identities, previous)
+        fits = self.fit_tracked(items, device)
+        return self.finish(fits, landmarks_px, cameras, [it.exp_head for it in items])
 
     def warm_batch(self, device: torch.device | str, max_batch: int) -> int:
         """Run `regress_batch` once at every CUDA-graph bucket size up to ``max_batch`` (a frontal neutral face),
@@ -141,9 +169,9 @@ class Regressor:
             return {"captured": [], "errors": {}}
         return {"captured": sorted(fitter._graphs), "errors": {str(k): v for k, v in fitter.graph_errors.items()}}
 
-    def _finish(self, fits: list[FitResult], landmarks_px: list[np.ndarray], cameras: list[Camera],
+    def finish(self, fits: list[FitResult], landmarks_px: list[np.ndarray], cameras: list[Camera],
                 exp_heads) -> list[Regression]:
-        """What follows the fit, for a batch: mouthClose held under jawOpen, then gaze (all faces' eyes in one
+        """The last step, after the fit, for a batch: mouthClose held under jawOpen, then gaze (all faces' eyes in one
         vectorised fit) and the eyeLook shapes it implies."""
         # mouthClose only makes sense on top of jawOpen (ICT README): keep mouthClose <= jawOpen
         jaw, close = self.model.exp_names.index("jawOpen"), self.model.exp_names.index("mouthClose")
@@ -182,7 +210,7 @@ class Regressor:
                               exp_prev=None if previous is None else previous.expression,
                               fit_identity=fit_identity, iterations=(6 if previous is None else 3)
                               + (2 if fit_identity else 0))
-        return self._finish([fit], [landmarks_px], [camera], [exp_head])[0]
+        return self.finish([fit], [landmarks_px], [camera], [exp_head])[0]
 
 
 def _device_key(device) -> str:
