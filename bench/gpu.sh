@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU engines benchmark for a lent NVIDIA machine (no network, no package registry; torch CUDA 13, cupy,
-# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (100+70+230+60 s).
+# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (100+70+210+60+40 s).
 #   bash bench/gpu.sh            # on the GPU machine
 #   bash bench/gpu.sh --device cpu --streams 1,2   # the same steps on a CPU machine (checks the script)
 # Needs FACESTREAM_ASSETS (shared assets: ICT model, MediaPipe geometry, media) and the MediaPipe .tflite
 # files under <assets root>/mediapipe_models/ or ~/.cache/facestream/mediapipe_models/.
-# Writes to $OUT (or ./gpu_out): environment.txt, machine.txt, gpu_tests.txt, bench_gpu.json/.txt, prdl_*.txt, refine_batch.txt.
+# Writes to $OUT (or ./gpu_out): environment.txt, machine.txt, gpu_tests.txt, bench_gpu.json/.txt, prdl_*.txt, refine_batch.txt,
+# refine_profile.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -44,7 +45,8 @@ step "engine benchmark (python -m engine.bench_gpu)"
 # one BLAS thread per process: the stream simulation runs a session process per core, and 16-thread BLAS
 # pools per process (the default on a 16-core machine) fight over the cores and spike the regressor's latency
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-timeout 230 python -m engine.bench_gpu --out "$OUT" "$@" > "$OUT/bench_gpu.log" 2>&1
+# two collection windows: 0 ms (lowest latency for few streams) and 2 ms (larger batches under load)
+timeout 210 python -m engine.bench_gpu --out "$OUT" --max-wait-ms 0,2 "$@" > "$OUT/bench_gpu.log" 2>&1
 echo "bench_gpu rc=$?" | tee -a "$OUT/bench_gpu.log"
 cat "$OUT/bench_gpu.txt" 2>/dev/null || tail -30 "$OUT/bench_gpu.log"
 
@@ -56,5 +58,13 @@ if timeout 15 python -m engine.refine --help 2>/dev/null | grep -q -- "--bench-b
   tail -15 "$OUT/refine_batch.txt"
 else
   echo "skipped: engine.refine has no --bench-batch option yet" | tee "$OUT/refine_batch.txt"
+fi
+step "batched PRDL on CuPy, phase by phase (bench/profile_refine_cuda.py)"
+if python -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" > /dev/null 2>&1; then
+  timeout 40 python bench/profile_refine_cuda.py 64 > "$OUT/refine_profile.txt" 2>&1
+  echo "profile rc=$?" >> "$OUT/refine_profile.txt"
+  tail -14 "$OUT/refine_profile.txt"
+else
+  echo "skipped: no CuPy with a CUDA device" | tee "$OUT/refine_profile.txt"
 fi
 step "done"

@@ -4,14 +4,16 @@ then its phases timed with a device synchronisation around each and its device-t
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
 import cupy
 
-from engine import prdl, refine
-from engine.face_model import FaceModel
-from engine.gaze import ICT_EYE_LOOK
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (run as a script)
+from engine import refine  # noqa: E402 - after the path
+from engine.face_model import FaceModel  # noqa: E402
+from engine.gaze import ICT_EYE_LOOK  # noqa: E402
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 model = FaceModel.load()
