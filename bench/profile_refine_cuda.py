@@ -55,7 +55,7 @@ for name in ("gauss_newton_terms", "descriptor_values"):
 wrap(refine.CellSelection, "means")
 # host syncs: count device->host conversions
 nsync = [0]
-orig_int = cupy.ndarray.__int__, cupy.ndarray.__bool__, cupy.ndarray.get
+orig_int = cupy.ndarray.__int__, cupy.ndarray.__bool__, cupy.ndarray.get, cupy.ndarray.__float__
 def cnt(fn):
     def g(self, *a, **k):
         nsync[0] += 1
@@ -63,6 +63,7 @@ def cnt(fn):
     return g
 try:
     cupy.ndarray.__int__ = cnt(orig_int[0]); cupy.ndarray.__bool__ = cnt(orig_int[1]); cupy.ndarray.get = cnt(orig_int[2])
+    cupy.ndarray.__float__ = cnt(orig_int[3])
 except (TypeError, AttributeError):
     nsync[0] = -10 ** 9  # cupy.ndarray is a compiled type: syncs not counted
 sync(); t0 = time.perf_counter()
@@ -75,6 +76,6 @@ for k in sorted(acc, key=acc.get, reverse=True):
     print(f"  {k:<26} {1e3*acc[k]/R:8.2f} ms  calls {calls[k]/R:.1f}")
 print(f"  {'(rest: glue)':<26} {1e3*(tot - sum(acc.values())/R):8.2f} ms")
 try:
-    cupy.ndarray.__int__, cupy.ndarray.__bool__, cupy.ndarray.get = orig_int
+    cupy.ndarray.__int__, cupy.ndarray.__bool__, cupy.ndarray.get, cupy.ndarray.__float__ = orig_int
 except (TypeError, AttributeError):
     pass

@@ -277,12 +277,10 @@ class BatchScheduler:
         on the first frames.
         Returns the number of captured shapes (0 on backends without graphs)."""
         runner = getattr(self.pack.backend, "runner", None)
-        if runner is None:
-            return 0
         n = 0
         for net, shape, sizes in ((self.pack.landmarker.net, (3, 192, 192), None),
                                   (self.pack.detector.net, (3, 128, 128), None)):
-            r = runner(net)
+            r = runner(net) if runner is not None else None
             if r is not None:
                 n += r.warm([shape], sizes=sizes)
         if self.regress is not None:  # the batched fit's graphs (one per bucket size)

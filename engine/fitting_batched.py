@@ -187,6 +187,9 @@ class BatchedLandmarkFitter:
         return torch.cat([rc.reshape(B, 9), t, e, rms_px[:, None], rms_cm[:, None], its[:, None]], 1)
 
 
+_LINALG_PREFERENCE_LOCK = threading.Lock()
+
+
 class _CapturedFit:
     """`BatchedLandmarkFitter._solve` captured in a CUDA graph for one padded batch size: inputs are copied into
     static tensors (padding rows repeat the first face, so they stay finite), the graph is replayed, the first B
@@ -196,23 +199,27 @@ class _CapturedFit:
         self.lock = threading.Lock()
         self.bucket, self.fitter, self.iterations = bucket, fitter, iterations
         dev = fitter.device
-        self.static = [torch.as_tensor(self._pad(a), device=dev).clone() for a in host]
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph capture requires
-            for _ in range(2):
-                fitter._solve(*self.static, iterations=iterations)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
         # torch picks MAGMA's batched LU for larger batches (32 faces on an H200), which a graph cannot hold;
-        # cuSOLVER / cuBLAS batched LU can be captured
-        library = torch.backends.cuda.preferred_linalg_library()
-        torch.backends.cuda.preferred_linalg_library("cusolver")
-        try:
-            with torch.cuda.graph(self.graph):
-                self.out = fitter._solve(*self.static, iterations=iterations)
-        finally:
-            torch.backends.cuda.preferred_linalg_library(library)
+        # cuSOLVER / cuBLAS batched LU can be captured. The preference is process-wide: one capture at a time
+        # (a module lock), warm-up and capture both under it, the old preference restored after.
+        with _LINALG_PREFERENCE_LOCK, torch.cuda.device(dev):
+            library = torch.backends.cuda.preferred_linalg_library()
+            torch.backends.cuda.preferred_linalg_library("cusolver")
+            try:
+                self.static = [torch.as_tensor(self._pad(a), device=dev).clone() for a in host]
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph capture requires
+                    for _ in range(2):
+                        fitter._solve(*self.static, iterations=iterations)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads' CUDA work (frame uploads, other stages) neither fails nor joins
+                # this capture (as the cuda backend's network graphs)
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.out = fitter._solve(*self.static, iterations=iterations)
+            finally:
+                torch.backends.cuda.preferred_linalg_library(library)
 
     def _pad(self, a: np.ndarray) -> np.ndarray:
         if len(a) == self.bucket:

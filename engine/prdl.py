@@ -67,9 +67,9 @@ def bincount(xp, idx, weights=None, length: int = 0):
     back to the host (a device synchronisation per call) to size its output."""
     if xp is np:
         return np.bincount(idx, weights=weights, minlength=length)
-    out = xp.zeros(length, xp.float64 if weights is not None else xp.int64)
-    xp.add.at(out, idx, 1 if weights is None else weights)
-    return out
+    out = xp.zeros(length, xp.float64)  # float64 (exact for counts): CuPy before 14.1 has no int64 add.at
+    xp.add.at(out, idx, 1.0 if weights is None else weights)
+    return out if weights is not None else out.astype(xp.int64)
 
 
 def _float_dtype(a, xp):

@@ -276,8 +276,8 @@ def splat_visibility(xp, occ_uv, occ_z, uv, z, cell, size: float, tol):
     first = xp.ones(sk.shape[0], bool)
     first[1:] = cell_of[1:] != cell_of[:-1]
     first &= cell_of < B * G * G
-    # nearest depth per cell; the other keys write to a spare last cell (no compaction: nothing is read back
-    # to the host, on a GPU)
+    # nearest depth per cell; the other keys write to a spare last cell (no compaction, which on a GPU would read
+    # a count back to the host)
     n_cells = B * G * G
     zb = xp.full(n_cells + 1, xp.inf)
     c = xp.where(first, cell_of, n_cells)

@@ -156,10 +156,10 @@ class Regressor:
         rc, t = FLIP.copy(), np.array([0.0, 0.0, 60.0])
         lm = cam.project(self.model.landmarks(ident).astype(np.float64) @ rc.T + t)
         prev = FitResult(rc, t, np.zeros(self.model.n_exp), ident, 0.0, 0.0, 0)
-        for b in BatchedLandmarkFitter.GRAPH_BUCKETS:
-            if b > max_batch:
-                break
+        for b in BatchedLandmarkFitter.GRAPH_BUCKETS:  # up to the bucket that holds max_batch
             self.regress_batch([lm] * b, [cam] * b, [ident] * b, [prev] * b, device=device)
+            if b >= max_batch:
+                break
         return len(self.batched_graphs(device)["captured"])
 
     def batched_graphs(self, device) -> dict:
@@ -177,7 +177,7 @@ class Regressor:
         jaw, close = self.model.exp_names.index("jawOpen"), self.model.exp_names.index("mouthClose")
         for fit in fits:
             fit.expression[close] = min(fit.expression[close], fit.expression[jaw])
-        gazes = self.gaze.batch(np.stack(landmarks_px), cameras, np.stack([f.rotation_cam for f in fits]),
+        gazes = self.gaze.batch(np.stack([lm[:, :2] for lm in landmarks_px]), cameras, np.stack([f.rotation_cam for f in fits]),
                                 np.stack([f.translation for f in fits]), np.stack([f.identity for f in fits]),
                                 np.stack([f.expression for f in fits]))
         for fit, gaze in zip(fits, gazes):
