@@ -80,7 +80,9 @@ class LandmarkFitter:
         out += a[:, :, 2, None] * rb[2][:, None, :]
 
     def model_points(self, identity: np.ndarray, expression: np.ndarray) -> np.ndarray:
-        return self.L0 + (identity @ self._id_flat + expression @ self._exp_flat).reshape(self.L0.shape)
+        """Landmark model points (..., N, 3); leading dims of identity / expression broadcast."""
+        d = identity @ self._id_flat + expression @ self._exp_flat
+        return self.L0 + d.reshape(d.shape[:-1] + self.L0.shape)
 
     def initial_translation(self, obs: np.ndarray, rotation_cam: np.ndarray, points: np.ndarray,
                             camera: Camera) -> np.ndarray:

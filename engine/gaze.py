@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from engine.geometry import Camera
+
 # MediaPipe mesh indices, subject's own sides. Axis points go toward image +x (the subject's left).
 EYES = {
     "right": {"axis": (33, 133), "lids": (159, 145), "iris": 468},
@@ -55,8 +57,6 @@ class GazeEstimator:
         offset = lm_model.astype(np.float64) - centre
         lm = np.asarray(landmarks_px, np.float64)
         target = lm[:, iris, :2]  # (B, eye, 2)
-        f = np.array([[c.fx, c.fy] for c in cameras])[:, None, None, :]
-        c0 = np.array([[c.cx, c.cy] for c in cameras])[:, None, None, :]
         rc, t = np.asarray(rotation_cam, np.float64), np.asarray(translation, np.float64)
 
         def project(ang):
@@ -68,8 +68,7 @@ class GazeEstimator:
             dy = cp * d[..., 1] - sp * d[..., 2]
             dz = sp * d[..., 1] + cp * d[..., 2]
             q = centre[:, :, None, :] + np.stack([cy * d[..., 0] + sy * dz, dy, -sy * d[..., 0] + cy * dz], -1)
-            pc = np.einsum("bekj,bij->beki", q, rc) + t[:, None, None, :]
-            return f * pc[..., :2] / pc[..., 2:] + c0
+            return Camera.project_each(cameras, np.einsum("bekj,bij->beki", q, rc) + t[:, None, None, :])
 
         # 2-parameter Gauss-Newton per eye, all eyes at once; central differences (5 evaluations per step)
         steps = np.array([[0.0, 0.0], [1e-3, 0.0], [-1e-3, 0.0], [0.0, 1e-3], [0.0, -1e-3]])

@@ -40,6 +40,14 @@ class Camera:
         uv = points_cam[..., :2] / z
         return uv * np.array([self.fx, self.fy]) + np.array([self.cx, self.cy])
 
+    @staticmethod
+    def project_each(cameras: list["Camera"], points_cam: np.ndarray) -> np.ndarray:
+        """Points (B, ..., 3) of B faces, face b through cameras[b] -> (B, ..., 2) pixels (batched `project`)."""
+        shape = (len(cameras),) + (1,) * (points_cam.ndim - 2) + (2,)
+        f = np.array([[c.fx, c.fy] for c in cameras]).reshape(shape)
+        c0 = np.array([[c.cx, c.cy] for c in cameras]).reshape(shape)
+        return points_cam[..., :2] / points_cam[..., 2:3] * f + c0
+
 
 def skew(v: np.ndarray) -> np.ndarray:
     x, y, z = v

@@ -378,6 +378,24 @@ def _effective_weights(mask, target_desc, target_valid, part_weights, channel_we
     return w, ch, used
 
 
+def _residual_scale(w, ch, na: int, xp):
+    """(parts, 3) factors whose squares weigh each descriptor difference: part weight x channel weight / |A|."""
+    return xp.sqrt(w[:, None] * ch[None, :] / na)
+
+
+def weighted_residuals(pred_points, pred_mask, target_desc, anchors, part_weights=None, *, target_valid=None,
+                       channel_weights=None, xp=None, eps: float = EPS):
+    """The PRDL residuals (parts, A, 3) alone -- descriptor differences scaled so that their squares sum to
+    the loss of `prdl_loss_and_grad` -- without arg-indices or Jacobian terms (the cheap path for a trial step)."""
+    xp = xp or get_array_module(pred_points, target_desc, anchors)
+    pts, mask, anchors = _as_inputs(pred_points, pred_mask, anchors, xp)
+    dt = pts.dtype
+    target_desc = xp.asarray(target_desc, dt)
+    w, ch, _ = _effective_weights(mask, target_desc, target_valid, part_weights, channel_weights, xp, dt)
+    desc = descriptor_values(pts, mask, anchors, xp, eps)
+    return _residual_scale(w, ch, anchors.shape[-2], xp)[:, None, :] * (desc - target_desc)
+
+
 def prdl_loss_and_grad(pred_points, pred_mask, target_desc, anchors, part_weights=None, *,
                        target_valid=None, channel_weights=None, xp=None, eps: float = EPS):
     """PRDL loss and its gradient with respect to the predicted 2D points.
@@ -484,7 +502,7 @@ def gauss_newton_terms(pred_points, pred_mask, target_desc, anchors, part_weight
         filled, _ = _fill_invalid(pts, mask, xp)
     else:
         desc, idx, d, counts, filled = _stats(pts, mask, anchors, eps, xp)
-    sw = xp.sqrt(w[:, None] * ch[None, :] / na)  # (parts, 3)
+    sw = _residual_scale(w, ch, na, xp)  # (parts, 3)
     r = sw[:, None, :] * (desc - target_desc)
     loss_arr = (r * r).sum()
     # min / max rows

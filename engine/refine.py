@@ -525,8 +525,8 @@ class PrdlRefiner:
                 r = terms_.residuals
             else:  # the last trials: only their loss decides
                 terms_ = None
-                sw = xp.sqrt((weights * (tvalid & smask.any(1)) / A)[:, None, None] * chw)
-                r = (prdl.descriptor_values(uv_, smask, anchors, xp) - tdesc) * sw
+                r = prdl.weighted_residuals(uv_, smask, tdesc, anchors, weights, target_valid=tvalid,
+                                            channel_weights=chw, xp=xp)
             r = xp.asarray(r, xp.float64).reshape(B, -1)
             return _State(pcc_, sel_, pe_, terms_, (r * r).sum(1))
 

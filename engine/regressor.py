@@ -88,13 +88,9 @@ class Regressor:
                          translations: list[np.ndarray], identities: list[np.ndarray]) -> np.ndarray:
         """`head_expression` of many faces in one call of the expression MLP: (B, n_exp)."""
         rc, t = np.stack(rotations), np.stack(translations)
-        B = len(rc)
-        neutral = self.fitter.L0 + (np.stack(identities) @ self.fitter._id_flat).reshape(B, -1, 3)
-        pc = neutral @ rc.transpose(0, 2, 1) + t[:, None, :]
-        f = np.array([[c.fx, c.fy] for c in cameras])[:, None, :]
-        c0 = np.array([[c.cx, c.cy] for c in cameras])[:, None, :]
-        refs = pc[..., :2] / pc[..., 2:3] * f + c0
-        scales = f[:, 0, 0] / np.maximum(t[:, 2], 1e-3)
+        neutral = self.fitter.model_points(np.stack(identities), np.zeros(self.model.n_exp))
+        refs = Camera.project_each(cameras, neutral @ rc.transpose(0, 2, 1) + t[:, None, :])
+        scales = np.array([c.fx for c in cameras]) / np.maximum(t[:, 2], 1e-3)
         with torch.inference_mode():
             offsets, yaw_pitch = expression_features(
                 torch.from_numpy(np.ascontiguousarray(np.stack([lm[:N_INPUT_POINTS, :2] for lm in landmarks_px]),
