@@ -12,11 +12,10 @@ keep the per-face fit (`Regressor.regress`).
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
+from engine.cuda_graphs import GraphCache
 from engine.fitting import FitResult, LandmarkFitter
 from engine.geometry import Camera
 
@@ -59,10 +58,7 @@ class BatchedLandmarkFitter:
         self.pair_a = torch.as_tensor([a for a, _ in pairs], dtype=torch.long, device=self.device)
         self.pair_b = torch.as_tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
         self.pos = torch.as_tensor(pos, dtype=torch.long, device=self.device)
-        self._graphs: dict[tuple[int, int], _CapturedFit] = {}
-        self._graph_lock = threading.Lock()
-        self.use_graphs = True  # on CUDA: one captured graph per bucket size
-        self.graph_errors: dict[tuple[int, int], str] = {}  # (bucket, iterations) -> why its capture failed
+        self.graphs = GraphCache(self.device)  # on CUDA: one captured graph per bucket size and iteration count
 
     def fit(self, obs_px: np.ndarray, cameras: list[Camera], rotation_cam: np.ndarray, translation: np.ndarray,
             expression: np.ndarray, identity: np.ndarray, exp_prior: np.ndarray, exp_prev: np.ndarray,
@@ -77,11 +73,7 @@ class BatchedLandmarkFitter:
                 np.asarray(rotation_cam, np.float64), np.asarray(translation, np.float64),
                 np.asarray(expression, np.float64), np.asarray(identity, np.float64)[:, :n_id],
                 np.asarray(exp_prior, np.float64), np.asarray(exp_prev, np.float64)]
-        graph = self._graph(host, iterations) if self.device.type == "cuda" else None
-        if graph is not None:
-            out = graph(host)
-        else:
-            out = self._solve(*(torch.as_tensor(a, device=self.device) for a in host), iterations=iterations)
+        out = self.graphs.run(lambda *t: self._solve(*t, iterations=iterations), host, key=iterations)
         out = out.cpu().numpy()  # one transfer: (B, 9 + 3 + n_exp + 3)
         n_e = host[4].shape[1]
         rc, t, e = out[:, :9].reshape(B, 3, 3), out[:, 9:12], out[:, 12:12 + n_e]
@@ -90,24 +82,8 @@ class BatchedLandmarkFitter:
         return [FitResult(rc[i], t[i], e[i], idn[i].copy(), float(rms_cm[i]), float(rms_px[i]), int(its[i]))
                 for i in range(B)]
 
-    # CUDA graphs: the fit is ~300 small kernels, so a batch's time on a GPU is launch overhead; one captured
-    # graph per padded batch size replays them in one launch. Batches above the largest bucket run eagerly.
-    GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-    def _graph(self, host: list[np.ndarray], iterations: int):
-        """The captured graph for this batch's padded size (captured on first use), or None: eager (off CUDA,
-        above the largest bucket, with ``use_graphs`` off, or where this bucket's capture failed)."""
-        bucket = next((b for b in self.GRAPH_BUCKETS if b >= len(host[0])), None)
-        if bucket is None or not self.use_graphs:
-            return None
-        key = (bucket, iterations)
-        with self._graph_lock:
-            if key not in self._graphs and key not in self.graph_errors:
-                try:
-                    self._graphs[key] = _CapturedFit(self, bucket, iterations, host)
-                except Exception as exc:  # noqa: BLE001 - capture is an optimisation: run eagerly, say why
-                    self.graph_errors[key] = f"{type(exc).__name__}: {exc}"
-            return self._graphs.get(key)
+    # CUDA graphs (`engine.cuda_graphs`): the fit is ~300 small kernels, so a batch's time on a GPU is launch
+    # overhead; one captured graph per padded batch size replays them in one launch.
 
     def _solve(self, obs, cam, rc, t, e, ident, prior, prev, *, iterations: int) -> torch.Tensor:
         """The batched Gauss-Newton iterations on device tensors, free of host synchronisation (so that it can
@@ -185,51 +161,3 @@ class BatchedLandmarkFitter:
             t = t + delta[:, 3:6]
             e = e.index_copy(1, fi, (ef + delta[:, 6:]).clamp(0.0, 1.0))
         return torch.cat([rc.reshape(B, 9), t, e, rms_px[:, None], rms_cm[:, None], its[:, None]], 1)
-
-
-_LINALG_PREFERENCE_LOCK = threading.Lock()
-
-
-class _CapturedFit:
-    """`BatchedLandmarkFitter._solve` captured in a CUDA graph for one padded batch size: inputs are copied into
-    static tensors (padding rows repeat the first face, so they stay finite), the graph is replayed, the first B
-    output rows are the answer. One lock per graph: its static tensors are shared."""
-
-    def __init__(self, fitter: BatchedLandmarkFitter, bucket: int, iterations: int, host: list[np.ndarray]):
-        self.lock = threading.Lock()
-        self.bucket, self.fitter, self.iterations = bucket, fitter, iterations
-        dev = fitter.device
-        # torch picks MAGMA's batched LU for larger batches (32 faces on an H200), which a graph cannot hold;
-        # cuSOLVER / cuBLAS batched LU can be captured. The preference is process-wide: one capture at a time
-        # (a module lock), warm-up and capture both under it, the old preference restored after.
-        with _LINALG_PREFERENCE_LOCK, torch.cuda.device(dev):
-            library = torch.backends.cuda.preferred_linalg_library()
-            torch.backends.cuda.preferred_linalg_library("cusolver")
-            try:
-                self.static = [torch.as_tensor(self._pad(a), device=dev).clone() for a in host]
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph capture requires
-                    for _ in range(2):
-                        fitter._solve(*self.static, iterations=iterations)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                self.graph = torch.cuda.CUDAGraph()
-                # thread_local: other threads' CUDA work (frame uploads, other stages) neither fails nor joins
-                # this capture (as the cuda backend's network graphs)
-                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                    self.out = fitter._solve(*self.static, iterations=iterations)
-            finally:
-                torch.backends.cuda.preferred_linalg_library(library)
-
-    def _pad(self, a: np.ndarray) -> np.ndarray:
-        if len(a) == self.bucket:
-            return a
-        return np.concatenate([a, np.repeat(a[:1], self.bucket - len(a), 0)])
-
-    def __call__(self, host: list[np.ndarray]) -> torch.Tensor:
-        B = len(host[0])
-        with self.lock:
-            for dst, a in zip(self.static, host):
-                dst.copy_(torch.as_tensor(self._pad(a)))
-            self.graph.replay()
-            return self.out[:B].clone()

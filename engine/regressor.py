@@ -144,7 +144,7 @@ class Regressor:
     def warm_batch(self, device: torch.device | str, max_batch: int) -> int:
         """Run `regress_batch` once at every CUDA-graph bucket size up to ``max_batch`` (a frontal neutral face),
         so that no live frame waits for a graph capture. Returns the number of captured graphs (0 off CUDA)."""
-        from engine.fitting_batched import BatchedLandmarkFitter
+        from engine.cuda_graphs import BUCKETS
         from engine.geometry import FLIP
 
         cam = Camera.from_fov(640, 480)
@@ -152,7 +152,7 @@ class Regressor:
         rc, t = FLIP.copy(), np.array([0.0, 0.0, 60.0])
         lm = cam.project(self.model.landmarks(ident).astype(np.float64) @ rc.T + t)
         prev = FitResult(rc, t, np.zeros(self.model.n_exp), ident, 0.0, 0.0, 0)
-        for b in BatchedLandmarkFitter.GRAPH_BUCKETS:  # up to the bucket that holds max_batch
+        for b in BUCKETS:  # up to the bucket that holds max_batch
             self.regress_batch([lm] * b, [cam] * b, [ident] * b, [prev] * b, device=device)
             if b >= max_batch:
                 break
@@ -163,7 +163,7 @@ class Regressor:
         fitter = self._batched.get(_device_key(device))
         if fitter is None:
             return {"captured": [], "errors": {}}
-        return {"captured": sorted(fitter._graphs), "errors": {str(k): v for k, v in fitter.graph_errors.items()}}
+        return {"captured": sorted(fitter.graphs.graphs), "errors": {str(k): v for k, v in fitter.graphs.errors.items()}}
 
     def finish(self, fits: list[FitResult], landmarks_px: list[np.ndarray], cameras: list[Camera],
                 exp_heads) -> list[Regression]:

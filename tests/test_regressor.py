@@ -163,14 +163,14 @@ def test_regress_batch_on_cuda_matches_cpu(model, regressor):  # pragma: no cove
 
     same(regressor.regress_batch(*items, device="cuda"), cpu)
     fitter = regressor._batched["cuda:0"]
-    assert not fitter.graph_errors, fitter.graph_errors
-    assert (8, 3) in fitter._graphs
+    assert not fitter.graphs.errors, fitter.graphs.errors
+    assert (8, 3) in fitter.graphs.graphs
     same(regressor.regress_batch(*items, device="cuda"), cpu)  # replay
     same(regressor.regress_batch(*[x[:5] for x in items], device="cuda"), cpu[:5])  # padded bucket
-    fitter.use_graphs = False
+    fitter.graphs.enabled = False
     same(regressor.regress_batch(*items, device="cuda"), cpu)
-    fitter.use_graphs = True
+    fitter.graphs.enabled = True
     # every bucket a scheduler uses captures (torch would pick MAGMA's uncapturable LU from 32 faces on)
-    assert regressor.warm_batch("cuda", 64) == 7 and not fitter.graph_errors, fitter.graph_errors
+    assert regressor.warm_batch("cuda", 64) == 7 and not fitter.graphs.errors, fitter.graphs.errors
     big = [x * 6 for x in items]  # 48 faces: the bucket of 64
     same(regressor.regress_batch(*big, device="cuda"), cpu * 6)
