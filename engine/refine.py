@@ -25,8 +25,9 @@ evaluation. Parts that no face weighs are left out of the solve.
 
 Batching: `PrdlRefiner.refine_batch` runs the whole solve for many faces at once on an array module
 (NumPy, or CuPy on a GPU): visibility, cell grouping (one sort of packed keys for all faces), the stacked PRDL
-descriptors, per-face Gauss-Newton matrices and batched LM solves. `refine` is a batch of one. Timing:
-``python -m engine.refine --bench-batch 64``.
+descriptors, per-face Gauss-Newton matrices and batched LM solves. `refine` is a batch of one. On a CUDA device
+`engine.refine_torch` runs the same solve in torch, captured in a CUDA graph (CuPy cannot capture its matrix
+products). Timing: ``python -m engine.refine --bench-batch 64``.
 
 Units: crop coordinates scaled so that the part-mask crop is 100 units wide, whatever its pixel size, so
 the prior weights mean the same at any resolution.
@@ -78,6 +79,7 @@ class RefineConfig:
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 0.3
+    lm_trials: int = 2  # damped steps tried per iteration until the objective drops (eval-prdl: IoU 0.8617 with 2, 0.8627 with 4)
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     candidates: int = 16  # candidate surface samples per target point (before visibility and cell grouping)
@@ -385,28 +387,33 @@ class PrdlRefiner:
             self._id_cache[key] = hit
         return hit
 
+    def constant_arrays(self, parts: tuple[int, ...], identity_bases: bool = True) -> dict[str, np.ndarray]:
+        """The refiner's constant arrays for the candidates of ``parts`` (a part that no face weighs is left out
+        of the whole solve); with ``identity_bases`` the neutral shapes and identity bases as well (NumPy takes
+        identity shapes from the host cache instead, `_identity_bases`)."""
+        free = np.nonzero(~self.fixed_exp)[0]
+        sub = np.nonzero(np.isin(self.cand_part, parts))[0]
+        C, n_exp, n_id = len(sub), self.model.n_exp, self.model.n_id
+        renumber = np.full(self.n_parts, -1, np.int64)
+        renumber[list(parts)] = np.arange(len(parts))
+        host = {"cand_sub": sub, "cand_part": renumber[self.cand_part[sub]],
+                "exp_flat": self.exp_flat.reshape(n_exp, -1, 3)[:, sub].reshape(n_exp, -1).astype(np.float32),
+                "free_idx": free,
+                "basis_free": np.ascontiguousarray(self.exp_basis_nk[sub][:, :, free], np.float32).reshape(C, -1),
+                "face_exp": self.face_exp.astype(np.float32), "vis_tol": self.vis_tol[sub]}
+        if identity_bases:
+            host.update({"neutral": self.neutral[sub], "face_neutral": self.face_neutral,
+                         "id_flat": self.id_flat.reshape(n_id, -1, 3)[:, sub].reshape(n_id, -1),
+                         "face_id_flat": self.face_id_flat})
+        return host
+
     def _device_arrays(self, xp, parts: tuple[int, ...]) -> dict:
-        """The refiner's constant arrays on ``xp`` for the candidates of ``parts`` (uploaded once per array
-        module and part set: a part that no face weighs is left out of the whole solve)."""
+        """`constant_arrays` on ``xp`` (uploaded once per array module and part set)."""
         key = (xp.__name__, parts)
         if key not in self._dev:
             if len(self._dev) >= 8:  # a handful of part sets in use at once (all parts, landmark masks, ...)
                 self._dev.clear()
-            free = np.nonzero(~self.fixed_exp)[0]
-            sub = np.nonzero(np.isin(self.cand_part, parts))[0]
-            C, n_exp, n_id = len(sub), self.model.n_exp, self.model.n_id
-            renumber = np.full(self.n_parts, -1, np.int64)
-            renumber[list(parts)] = np.arange(len(parts))
-            host = {"cand_sub": sub, "cand_part": renumber[self.cand_part[sub]],
-                    "exp_flat": self.exp_flat.reshape(n_exp, -1, 3)[:, sub].reshape(n_exp, -1).astype(np.float32),
-                    "free_idx": free,
-                    "basis_free": np.ascontiguousarray(self.exp_basis_nk[sub][:, :, free], np.float32).reshape(C, -1),
-                    "face_exp": self.face_exp.astype(np.float32), "vis_tol": self.vis_tol[sub]}
-            if xp is not np:  # NumPy takes identity shapes from the host cache (`_identity_bases`)
-                host.update({"neutral": self.neutral[sub], "face_neutral": self.face_neutral,
-                             "id_flat": self.id_flat.reshape(n_id, -1, 3)[:, sub].reshape(n_id, -1),
-                             "face_id_flat": self.face_id_flat})
-            self._dev[key] = {k: xp.asarray(v) for k, v in host.items()}
+            self._dev[key] = {k: xp.asarray(v) for k, v in self.constant_arrays(parts, xp is not np).items()}
         return self._dev[key]
 
     # ------------------------------------------------------------------ refinement
@@ -416,6 +423,50 @@ class PrdlRefiner:
         """Refine one face (the batched solver with a batch of one)."""
         return self.refine_batch([RefineProblem(targets, camera, rotation_cam, translation, expression, identity,
                                                 exp_prior, exp_prev, part_weights)])[0]
+
+    def batch_inputs(self, problems: list["RefineProblem"]) -> "BatchInputs":
+        """The host side of a batch: a few small arrays per face (targets come prepared by `targets`), and the
+        parts that some face weighs (the others are left out of the whole solve)."""
+        cfg = self.config
+        n_e = self.model.n_exp
+        aff, cam, e0, prior, prev, has_prev = [], [], [], [], [], []
+        for pr in problems:
+            m, b = self._crop_affine(pr.targets.masks)
+            e = np.clip(np.asarray(pr.expression, np.float64), 0.0, 1.0)
+            aff.append(np.concatenate([m.reshape(-1), b]))
+            cam.append([pr.camera.fx, pr.camera.fy, pr.camera.cx, pr.camera.cy])
+            e0.append(e)
+            prior.append(e if pr.exp_prior is None else np.asarray(pr.exp_prior, np.float64))
+            prev.append(np.zeros(n_e) if pr.exp_prev is None else np.asarray(pr.exp_prev, np.float64))
+            has_prev.append(pr.exp_prev is not None)
+        pw = np.stack([np.asarray(cfg.part_weights if pr.part_weights is None else pr.part_weights, np.float32)
+                       for pr in problems])
+        parts = tuple(int(p) for p in np.nonzero((pw != 0).any(0))[0])  # parts some face weighs
+        if not parts:
+            parts = (0,)  # nothing weighed: a solve that only the prior moves
+        sel = list(parts)
+        A = max(int(pr.targets.anchors.shape[-2]) for pr in problems)
+        return BatchInputs(
+            parts, np.array(aff), np.array(cam, np.float64), np.array(e0), np.array(prior), np.array(prev),
+            cfg.temporal * np.array(has_prev, np.float64)[:, None],
+            np.stack([np.asarray(pr.rotation_cam, np.float64) for pr in problems]),
+            np.stack([np.asarray(pr.translation, np.float64) for pr in problems]),
+            np.stack([np.asarray(pr.identity, np.float64) for pr in problems]),
+            np.stack([np.broadcast_to(pr.targets.anchors, (self.n_parts, A, 2))[sel]
+                      for pr in problems]).astype(np.float32),
+            np.stack([pr.targets.desc[sel] for pr in problems]).astype(np.float32),
+            np.stack([pr.targets.valid[sel] for pr in problems]),
+            np.stack([pr.targets.cells[sel] for pr in problems]).astype(np.float64),
+            pw[:, sel])
+
+    def results(self, inp: "BatchInputs", rotation_cam, translation, expression, loss_before, loss_after,
+                iterations, used) -> list[RefineResult]:
+        """Per-face results from the batch's host arrays (``used`` (B, q): the parts of ``inp.parts`` used)."""
+        full = np.zeros((len(expression), self.n_parts), bool)
+        full[:, list(inp.parts)] = used
+        return [RefineResult(rotation_cam[i], translation[i], expression[i], float(loss_before[i]),
+                             float(loss_after[i]), int(iterations[i]), [bool(u) for u in full[i]])
+                for i in range(len(expression))]
 
     def refine_batch(self, problems: list["RefineProblem"], xp=None) -> list[RefineResult]:
         """Levenberg-Marquardt refinement of many faces at once, written against the array module ``xp``
@@ -428,42 +479,18 @@ class PrdlRefiner:
         if B == 0:
             return []
         pm, n_e = self.pmax, self.model.n_exp
-        # ---- host side: a few small arrays per face (targets are prepared by `targets`)
-        aff, cam, e0, prior, prev, has_prev, idents = [], [], [], [], [], [], []
-        for pr in problems:
-            m, b = self._crop_affine(pr.targets.masks)
-            e = np.clip(np.asarray(pr.expression, np.float64), 0.0, 1.0)
-            aff.append(np.concatenate([m.reshape(-1), b]))
-            cam.append([pr.camera.fx, pr.camera.fy, pr.camera.cx, pr.camera.cy])
-            e0.append(e)
-            prior.append(e if pr.exp_prior is None else np.asarray(pr.exp_prior, np.float64))
-            prev.append(np.zeros(n_e) if pr.exp_prev is None else np.asarray(pr.exp_prev, np.float64))
-            has_prev.append(pr.exp_prev is not None)
-            idents.append(np.asarray(pr.identity, np.float64))
-        pw = np.stack([np.asarray(cfg.part_weights if pr.part_weights is None else pr.part_weights, np.float32)
-                       for pr in problems])
-        parts = tuple(int(p) for p in np.nonzero((pw != 0).any(0))[0])  # parts some face weighs
-        if not parts:
-            parts = (0,)  # nothing weighed: a solve that only the prior moves
+        inp = self.batch_inputs(problems)
+        parts = inp.parts
         q = len(parts)
-        A = max(int(pr.targets.anchors.shape[-2]) for pr in problems)
-        anchors = np.stack([np.broadcast_to(pr.targets.anchors, (self.n_parts, A, 2))[list(parts)]
-                            for pr in problems]).reshape(B * q, A, 2)
-        tdesc = np.stack([pr.targets.desc[list(parts)] for pr in problems]).reshape(B * q, A, 3)
-        tvalid = np.stack([pr.targets.valid[list(parts)] for pr in problems]).reshape(-1)
-        cells = np.stack([pr.targets.cells[list(parts)] for pr in problems])
+        A = inp.anchors.shape[2]
         asx = xp.asarray
         dev = self._device_arrays(xp, parts)
-        aff = asx(np.array(aff))
-        cam = asx(np.array(cam, np.float64))
-        E = asx(np.array(e0))
-        P0, Pv = asx(np.array(prior)), asx(np.array(prev))
-        tw = cfg.temporal * asx(np.array(has_prev, np.float64))[:, None]
-        RC = asx(np.stack([np.asarray(pr.rotation_cam, np.float64) for pr in problems]))
-        T = asx(np.stack([np.asarray(pr.translation, np.float64) for pr in problems]))
-        anchors, tdesc = asx(anchors.astype(np.float32)), asx(tdesc.astype(np.float32))
-        tvalid, cells = asx(tvalid), asx(cells)
-        weights = asx(pw[:, list(parts)].reshape(-1))
+        aff, cam, E, P0, Pv = (asx(a) for a in (inp.aff, inp.cam, inp.expression, inp.prior, inp.prev))
+        tw = asx(inp.temporal)
+        RC, T = asx(inp.rotation_cam), asx(inp.translation)
+        anchors, tdesc = asx(inp.anchors.reshape(B * q, A, 2)), asx(inp.target_desc.reshape(B * q, A, 3))
+        tvalid, cells = asx(inp.target_valid.reshape(-1)), asx(inp.cells)
+        weights = asx(inp.part_weights.reshape(-1))
         free = asx(~self.fixed_exp)
         chw = asx(np.asarray(cfg.channel_weights, np.float32))
         cand_part, exp_flat, basis_c = dev["cand_part"], dev["exp_flat"], dev["basis_free"]
@@ -473,11 +500,11 @@ class PrdlRefiner:
         n = 6 + nf
         # identity-dependent shapes (cached on the host while tracking one person), then visibility
         if xp is np:  # per face from the identity cache (tracking holds each person's identity)
-            hit = [self._identity_bases(ident) for ident in idents]
+            hit = [self._identity_bases(ident) for ident in inp.identity]
             base = np.stack([b[dev["cand_sub"]] for b, _ in hit])
             face_base = np.stack([f for _, f in hit])
         else:
-            ident = asx(np.stack(idents))
+            ident = asx(inp.identity)
             base = (dev["neutral"] + (ident @ dev["id_flat"]).reshape(B, C, 3)).astype(xp.float32)
             face_base = (dev["face_neutral"] + (ident @ dev["face_id_flat"]).reshape(B, -1, 3)).astype(xp.float32)
         rc0, t0 = RC.copy(), T.copy()
@@ -568,7 +595,7 @@ class PrdlRefiner:
             hh = jtj * actf[:, :, None] * actf[:, None, :]
             hdiag = xp.diagonal(hh, axis1=1, axis2=2)
             pending = alive.copy()
-            for _ in range(4):  # Levenberg-Marquardt: shrink the step until the objective drops
+            for _ in range(cfg.lm_trials):  # Levenberg-Marquardt: shrink the step until the objective drops
                 h = hh + eye * (lam[:, None] * (hdiag + 1e-6) + (1.0 - actf))[:, None, :]
                 delta = -xp.linalg.solve(h, (jtr * actf)[..., None])[..., 0]
                 delta *= pending[:, None]  # faces that are not trying a step are evaluated where they are
@@ -594,16 +621,13 @@ class PrdlRefiner:
             if not bool(alive.any()):
                 break
         loss_after, sel = st.loss, st.sel
-        used = np.zeros((B, self.n_parts), bool)
-        used[:, list(parts)] = _host((tvalid & sel.mask.any(1) & (weights != 0)).reshape(B, q))
+        used = _host((tvalid & sel.mask.any(1) & (weights != 0)).reshape(B, q))
         worse = loss_after > loss_before  # (the prior can trade a little PRDL loss): never worse than the start
         RC = xp.where(worse[:, None, None], rc0, RC)
         T = xp.where(worse[:, None], t0, T)
-        E = xp.where(worse[:, None], asx(np.array(e0)), E)
+        E = xp.where(worse[:, None], asx(inp.expression), E)
         loss_after = xp.where(worse, loss_before, loss_after)
-        RC, T, E, lb, la = (_host(a) for a in (RC, T, E, loss_before, loss_after))
-        return [RefineResult(RC[i], T[i], E[i], float(lb[i]), float(la[i]), int(iters[i]), [bool(u) for u in used[i]])
-                for i in range(B)]
+        return self.results(inp, *(_host(a) for a in (RC, T, E, loss_before, loss_after)), iters, used)
 
 
 @dataclass
@@ -630,6 +654,27 @@ class RefineProblem:
     exp_prior: np.ndarray | None = None
     exp_prev: np.ndarray | None = None
     part_weights: tuple[float, ...] | None = None  # None: the refiner's config
+
+
+@dataclass
+class BatchInputs:
+    """`PrdlRefiner.batch_inputs`: a batch's host arrays, face-major (B leading), per part for ``parts``."""
+
+    parts: tuple[int, ...]  # the parts some face weighs, in order (q of them)
+    aff: np.ndarray  # (B, 6) image pixels -> crop units: M (row-major) and b
+    cam: np.ndarray  # (B, 4) fx, fy, cx, cy
+    expression: np.ndarray  # (B, n_exp) the start, clipped to [0, 1]
+    prior: np.ndarray  # (B, n_exp) the regressor's answer
+    prev: np.ndarray  # (B, n_exp) the previous frame's refined expression (zeros where none)
+    temporal: np.ndarray  # (B, 1) the temporal weight (0 where there is no previous frame)
+    rotation_cam: np.ndarray  # (B, 3, 3)
+    translation: np.ndarray  # (B, 3)
+    identity: np.ndarray  # (B, n_id)
+    anchors: np.ndarray  # (B, q, A, 2) float32
+    target_desc: np.ndarray  # (B, q, A, 3) float32
+    target_valid: np.ndarray  # (B, q) bool
+    cells: np.ndarray  # (B, q) thinning grid cell per part, crop units
+    part_weights: np.ndarray  # (B, q) float32
 
 
 def _host(a) -> np.ndarray:
@@ -918,8 +963,9 @@ def synthetic_problems(refiner: PrdlRefiner, n: int, seed: int = 0) -> list[Refi
 
 
 def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
-    """Median milliseconds of one `refine_batch` call over ``n_faces`` synthetic faces, with NumPy and (when
-    CuPy and a CUDA device are present) CuPy. Targets are prepared beforehand (they come with the masks)."""
+    """Median milliseconds of one batched refinement of ``n_faces`` synthetic faces: NumPy's `refine_batch`, and
+    where a CUDA device is present CuPy's (when installed) and torch's (`engine.refine_torch`, from its CUDA graph
+    and eagerly). Targets are prepared beforehand (they come with the masks)."""
     import time
 
     from engine.gaze import ICT_EYE_LOOK
@@ -929,24 +975,33 @@ def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
     fixed[list(ICT_EYE_LOOK.values())] = True
     refiner = PrdlRefiner(model, fixed_exp=fixed)
     problems = synthetic_problems(refiner, n_faces, seed)
-    modules = [("numpy", np, lambda: None)]
+    runs = [("numpy", lambda p: refiner.refine_batch(p), lambda: None)]
     if prdl.cupy_available():
         import cupy
 
         try:
             if cupy.cuda.runtime.getDeviceCount() > 0:
-                modules.append(("cupy", cupy, lambda: cupy.cuda.Stream.null.synchronize()))
+                runs.append(("cupy", lambda p: refiner.refine_batch(p, xp=cupy), cupy.cuda.Stream.null.synchronize))
         except Exception:  # noqa: BLE001 - no CUDA driver / device
             pass
+    import torch
+
+    if torch.cuda.is_available():
+        from engine.refine_torch import TorchRefiner
+
+        graphs, eager = TorchRefiner(refiner, "cuda"), TorchRefiner(refiner, "cuda")
+        eager.graphs.enabled = False
+        runs += [("torch-cuda-graph", graphs.refine, torch.cuda.synchronize),
+                 ("torch-cuda-eager", eager.refine, torch.cuda.synchronize)]
     rows = []
     ref_results = None
-    for name, xp, sync in modules:
-        res = refiner.refine_batch(problems, xp=xp)  # warm-up (uploads constants, compiles kernels)
+    for name, run, sync in runs:
+        res = run(problems)  # warm-up (uploads constants, compiles kernels, captures the graph)
         sync()
         ts = []
         for _ in range(reps if name != "numpy" or n_faces < 8 else max(1, min(reps, 3))):
             t0 = time.perf_counter()
-            res = refiner.refine_batch(problems, xp=xp)
+            res = run(problems)
             sync()
             ts.append(time.perf_counter() - t0)
         row = {"module": name, "faces": n_faces, "ms_per_batch": 1e3 * float(np.median(ts)),
@@ -956,6 +1011,8 @@ def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
         else:
             row["max_abs_expression_diff_vs_numpy"] = float(max(np.abs(a.expression - b.expression).max()
                                                                 for a, b in zip(res, ref_results)))
+        if name == "torch-cuda-graph":
+            row["graph_errors"] = {str(k): v for k, v in graphs.graphs.errors.items()}
         rows.append(row)
     return rows
 
@@ -973,10 +1030,12 @@ def _main(argv=None) -> int:  # pragma: no cover - command line
     for r in rows:
         extra = (f", max |expression diff| vs numpy {r['max_abs_expression_diff_vs_numpy']:.2e}"
                  if "max_abs_expression_diff_vs_numpy" in r else "")
-        print(f"{r['module']:<6} batched refinement of {r['faces']} faces: {r['ms_per_batch']:.2f} ms per batch "
+        print(f"{r['module']:<16} batched refinement of {r['faces']} faces: {r['ms_per_batch']:.2f} ms per batch "
               f"({r['ms_per_face']:.3f} ms per face){extra}")
-    if not any(r["module"] == "cupy" for r in rows):
-        print("cupy   not run: " + ("CuPy is not installed" if not prdl.cupy_available() else "no CUDA device"))
+        if r.get("graph_errors"):
+            print(f"  graph capture failed, ran eagerly: {r['graph_errors']}")
+    if len(rows) == 1:
+        print("cupy / torch-cuda not run: no CUDA device" + ("" if prdl.cupy_available() else " (and CuPy is not installed)"))
     if args.json:
         print(json.dumps(rows))
     return 0
