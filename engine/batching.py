@@ -13,11 +13,12 @@ already running on the device is never interrupted, so a caller can get a result
 late, never a frame that waited in the queue past its deadline.
 
 `BatchScheduler` wires the stages to a Pack's detector and landmarker and makes per-session trackers
-(the ordinary `Tracker`, its network calls routed through the stages). On a GPU the Gauss-Newton fit of tracked
-faces is a third stage (`Regressor.fit_tracked`: one batched fit on the device, a captured CUDA graph, for every
-session's face; each session runs its face's expression MLP before and its gaze after); new tracks and the
-identity phase, and every face on a CPU (where the per-face NumPy fit is the faster one), are regressed in the
-session's own thread.
+(the ordinary `Tracker`, its network calls routed through the stages). On a GPU two more stages run on the
+device, each a captured CUDA graph per batch size: the Gauss-Newton fit of tracked faces (`Regressor.fit_tracked`;
+each session runs its face's expression MLP before and its gaze after) and the PRDL refinement
+(`engine.refine_torch`; each session segments its frame and computes its target descriptors). New tracks and the
+identity phase are regressed in the session's own thread, and on a CPU every face is fitted and refined there
+(the per-face NumPy code is the faster one on a CPU).
 """
 from __future__ import annotations
 
@@ -222,6 +223,26 @@ class StageRegressor:
         return self.regressor.finish([fit], [landmarks_px], [camera], [item.exp_head])[0]
 
 
+class StageRefiner:
+    """What a Tracker sees as its PRDL refiner when refinements run elsewhere in batches: the target descriptors
+    of a frame's part masks are computed here (`PrdlRefiner.targets`, CPU work spread over the sessions), the
+    refinement goes to ``submit(RefineProblem)``, which returns its RefineResult."""
+
+    def __init__(self, refiner, submit: Callable):
+        self.refiner = refiner
+        self.submit = submit
+
+    def targets(self, masks, part_weights=None):
+        return self.refiner.targets(masks, part_weights)
+
+    def refine(self, targets, camera, rotation_cam, translation, expression, identity, *, exp_prior=None,
+               exp_prev=None, part_weights=None):
+        from engine.refine import RefineProblem
+
+        return self.submit(RefineProblem(targets, camera, rotation_cam, translation, expression, identity,
+                                         exp_prior, exp_prev, part_weights))
+
+
 class Session:
     """One stream: a Tracker whose network calls are batched with every other session's."""
 
@@ -232,8 +253,10 @@ class Session:
         self.deadline: float | None = None
         pack = scheduler.pack
         segmenter = refiner = None
-        if config is not None and config.prdl:  # PRDL refinement runs per face in this thread
+        if config is not None and config.prdl:  # segmentation in this thread; refinement here or in its stage
             segmenter, refiner = pack._prdl_parts(masks)
+            if scheduler.refine is not None:
+                refiner = StageRefiner(refiner, lambda problem: scheduler.refine.call(problem, self.deadline))
         regressor = pack.regressor
         if scheduler.regress is not None:
             regressor = StageRegressor(pack.regressor, lambda item: scheduler.regress.call(item, self.deadline))
@@ -252,29 +275,43 @@ class Session:
 
 
 class BatchScheduler:
-    """The detect, landmark and (on a GPU) regress stages of one Pack, shared by any number of sessions.
+    """The detect, landmark and (on a GPU) fit and refine stages of one Pack, shared by any number of sessions.
 
-    ``batch_regression``: None batches tracked faces' regression when the pack's backend runs on a CUDA device."""
+    ``device_stages``: run the tracked faces' fit and PRDL refinement as batched stages on the pack's device (None:
+    when the backend runs on a CUDA device)."""
 
     def __init__(self, pack, max_wait_ms: float = 2.0, max_batch: int = 64, detect_max_batch: int = 16,
-                 batch_regression: bool | None = None):
+                 device_stages: bool | None = None):
         self.pack = pack
         self.max_wait_ms = max_wait_ms
         self.max_batch = max_batch
         self.detect = StageBatcher(pack.detector.batch, detect_max_batch, max_wait_ms, "detect")
         self.landmarks = StageBatcher(pack.landmarker.batch, max_batch, max_wait_ms, "landmarks")
         device = getattr(pack.backend, "device", None)
-        if batch_regression is None:
-            batch_regression = getattr(device, "type", None) == "cuda"
-        self.regress_device = device if batch_regression else None
-        self.regress = StageBatcher(self._regress_batch, max_batch, max_wait_ms, "regress") if batch_regression else None
+        if device_stages is None:
+            device_stages = getattr(device, "type", None) == "cuda"
+        self.stage_device = (device or "cpu") if device_stages else None
+        self.regress = self.refine = self._refiner = None
+        if device_stages:
+            self.regress = StageBatcher(self._regress_batch, max_batch, max_wait_ms, "regress")
+            self.refine = StageBatcher(self._refine_batch, max_batch, max_wait_ms, "refine")
 
     def _regress_batch(self, items: list) -> list:
-        return self.pack.regressor.fit_tracked(items, device=self.regress_device or "cpu")
+        return self.pack.regressor.fit_tracked(items, device=self.stage_device)
+
+    def _refine_batch(self, problems: list) -> list:
+        return self._torch_refiner().refine(problems)
+
+    def _torch_refiner(self):
+        if self._refiner is None:  # built on first use
+            from engine.refine_torch import TorchRefiner
+
+            self._refiner = TorchRefiner(self.pack.refiner(), self.stage_device)
+        return self._refiner
 
     def warm(self) -> int:
-        """Capture the CUDA graphs of every batch bucket now (cuda backend: the networks and the batched fit), not
-        on the first frames.
+        """Capture the CUDA graphs of every batch bucket now (cuda backend: the networks, the batched fit and the
+        PRDL refinement), not on the first frames.
         Returns the number of captured shapes (0 on backends without graphs)."""
         runner = getattr(self.pack.backend, "runner", None)
         n = 0
@@ -284,7 +321,9 @@ class BatchScheduler:
             if r is not None:
                 n += r.warm([shape], sizes=sizes)
         if self.regress is not None:  # the batched fit's graphs (one per bucket size)
-            n += self.pack.regressor.warm_batch(self.regress_device, self.max_batch)
+            n += self.pack.regressor.warm_batch(self.stage_device, self.max_batch)
+        if self.refine is not None:  # the refinement's graphs (one per bucket size and part set)
+            n += self._torch_refiner().warm(self.max_batch)
         return n
 
     def session(self, config=None, camera=None, profile=None, masks: str = "landmarks") -> Session:
@@ -292,15 +331,17 @@ class BatchScheduler:
 
     def stats(self) -> dict:
         out = {"detect": self.detect.stats.summary(), "landmarks": self.landmarks.stats.summary()}
-        if self.regress is not None:
-            out["regress"] = self.regress.stats.summary()
+        for name, stage in (("regress", self.regress), ("refine", self.refine)):
+            if stage is not None:
+                out[name] = stage.stats.summary()
         return out
 
     def close(self) -> None:
         self.detect.close()
         self.landmarks.close()
-        if self.regress is not None:
-            self.regress.close()
+        for stage in (self.regress, self.refine):
+            if stage is not None:
+                stage.close()
 
     def __enter__(self):
         return self

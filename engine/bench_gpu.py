@@ -520,7 +520,7 @@ def main(argv=None) -> int:
             result["graph_capture_errors"] = dev_pack.backend.capture_errors()
         result["backend"] = dev_pack.backend.describe()
         result["graph_capture_s"] = round(time.perf_counter() - t0, 2)
-        result["regress_graphs"] = dev_pack.regressor.batched_graphs(sched.regress_device or "cpu")
+        result["regress_graphs"] = dev_pack.regressor.batched_graphs(sched.stage_device or "cpu")
 
     def save(final: bool = False):
         """Results so far to --out (after every step, so a run cut short by a time limit keeps them)."""

@@ -242,9 +242,9 @@ def _serve(conn, scheduler, store, stop):
 
 
 def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process: int, seconds: float,
-             max_wait_ms: float = 2.0, start_timeout: float = 120.0, batch_regression: bool | None = None) -> dict:
+             max_wait_ms: float = 2.0, start_timeout: float = 120.0, device_stages: bool | None = None) -> dict:
     """Run `n_streams` simulated 30 fps streams for `seconds`; `pack` is this (network) process's pack.
-    ``batch_regression``: the scheduler's choice (None: on a CUDA device) of a batched regress stage."""
+    ``device_stages``: the scheduler's choice (None: on a CUDA device) of a batched regress stage."""
     from engine.batching import BatchScheduler
 
     # a session process is one core's worth of work: without this, each would start a BLAS pool as wide as
@@ -259,7 +259,7 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
         shms.append(s)
         meta.append((s.name, clip.shape))
     store_clips = [np.ndarray(shape, np.uint8, buffer=s.buf) for s, (_, shape) in zip(shms, meta)]
-    scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms, batch_regression=batch_regression)
+    scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms, device_stages=device_stages)
     scheduler.warm()
     store = _FrameStore(pack.landmarker, store_clips)
     start = ctx.Value("d", 0.0)

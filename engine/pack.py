@@ -37,16 +37,21 @@ class Pack:
                        segmenter=segmenter, refiner=refiner, profile=profile)
 
     def _prdl_parts(self, masks: str):
-        from engine.refine import PrdlRefiner
         from engine.segmentation import LandmarkSegmenter, ParserSegmenter
 
         if masks not in ("landmarks", "parser"):
             raise ValueError(f"unknown part-mask engine '{masks}'; choose landmarks or parser")
         if masks not in self._segmenters:
             self._segmenters[masks] = LandmarkSegmenter() if masks == "landmarks" else ParserSegmenter(self.backend)
+        return self._segmenters[masks], self.refiner()
+
+    def refiner(self):
+        """The PRDL refiner every tracker of this pack shares (built on first use)."""
+        from engine.refine import PrdlRefiner
+
         if self._refiner is None:
             self._refiner = PrdlRefiner(self.model, fixed_exp=self.regressor.fitter.fixed_exp)
-        return self._segmenters[masks], self._refiner
+        return self._refiner
 
     def describe(self) -> dict:
         return {"pack": PACK_NAME, "backend": self.backend.describe(), "landmarks": self.landmark_model}

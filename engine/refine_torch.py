@@ -60,6 +60,26 @@ class TorchRefiner:
         lb, la, its = out[:, 12 + n_e], out[:, 13 + n_e], out[:, 14 + n_e]
         return self.refiner.results(inp, rc, t, e, lb, la, its, out[:, 15 + n_e:] > 0.5)
 
+    def warm(self, max_batch: int) -> int:
+        """On CUDA, capture the graphs of every bucket up to the one holding ``max_batch`` for the two part sets in
+        use (the landmark masks' and all parts), on a synthetic face, so that no live frame waits for a capture.
+        Returns the number of captured graphs (0 off CUDA)."""
+        from dataclasses import replace
+
+        from engine.cuda_graphs import BUCKETS
+        from engine.refine import LANDMARK_MASK_PART_WEIGHTS, synthetic_problems
+
+        if self.device.type != "cuda":
+            return 0
+        face = synthetic_problems(self.refiner, 1)[0]
+        for weights in (None, LANDMARK_MASK_PART_WEIGHTS):
+            problem = replace(face, part_weights=weights)
+            for b in BUCKETS:
+                self.refine([problem] * b)
+                if b >= max_batch:
+                    break
+        return len(self.graphs.graphs)
+
     def _constants_for(self, parts: tuple[int, ...]) -> dict[str, torch.Tensor]:
         if parts not in self._constants:
             if len(self._constants) >= 8:  # a handful of part sets in use at once

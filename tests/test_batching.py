@@ -258,6 +258,27 @@ def test_prdl_sessions_refine_like_the_pack_tracker(pack):
         assert np.abs(a.expression - b.expression).max() < 1e-6
 
 
+def test_refine_stage_refines_like_the_pack_tracker(pack):
+    """With device stages (here on the CPU: torch, eagerly) a PRDL session's refinement goes through the shared
+    refine stage (`engine.refine_torch`) and gives the per-face NumPy refinement's answer to float32 rounding."""
+    from engine.tracker import TrackerConfig
+
+    frames = _frames("liveportrait_d3.mp4", 3)
+    config = TrackerConfig(filter=False, prdl=True, identity_frames=0)
+    ref = pack.tracker(config)
+    expected = [ref.process(rgb, i) for i, rgb in enumerate(frames)]
+    with BatchScheduler(pack, max_wait_ms=1.0, device_stages=True) as scheduler:
+        session = scheduler.session(config)
+        got = [session.process(rgb, i, deadline=time.perf_counter() + 60.0) for i, rgb in enumerate(frames)]
+        stats = scheduler.stats()
+    assert stats["refine"]["items"] == len(frames)
+    for a, b in zip(got, expected):
+        assert a.prdl is not None and b.prdl is not None
+        assert a.prdl["iterations"] == b.prdl["iterations"]
+        assert a.prdl["loss_after"] == pytest.approx(b.prdl["loss_after"], rel=0.02, abs=1e-3)
+        assert np.abs(a.expression - b.expression).max() < 0.02
+
+
 def test_regress_stage_tracks_like_the_session_regressor(pack):
     """Tracked faces regressed through the shared regress stage (batched Gauss-Newton, here on the CPU) get the
     per-face regressor's answer; one session at a time, so the network batches are the same in both runs."""
@@ -267,7 +288,7 @@ def test_regress_stage_tracks_like_the_session_regressor(pack):
     frames = _frames("liveportrait_d3.mp4", 10)
     runs = {}
     for batched in (False, True):
-        with BatchScheduler(pack, batch_regression=batched) as scheduler:
+        with BatchScheduler(pack, device_stages=batched) as scheduler:
             session = scheduler.session(config)
             runs[batched] = [session.process(rgb, i, deadline=time.perf_counter() + 30.0) for i, rgb in enumerate(frames)]
             stats = scheduler.stats()
@@ -288,7 +309,7 @@ def test_concurrent_sessions_share_the_regress_stage(pack):
     videos = ("liveportrait_d0.mp4", "liveportrait_d3.mp4", "tps_driving.mp4")
     clips = {v: _frames(v, 8) for v in videos}
     out: dict[str, list] = {}
-    with BatchScheduler(pack, max_wait_ms=5.0, batch_regression=True) as scheduler:
+    with BatchScheduler(pack, max_wait_ms=5.0, device_stages=True) as scheduler:
         def run(v):
             session = scheduler.session(config)
             out[v] = [session.process(rgb, i, deadline=time.perf_counter() + 30.0) for i, rgb in enumerate(clips[v])]

@@ -53,7 +53,7 @@ def test_stream_simulation_with_the_batched_regress_stage(pack, media):
 
     clips = load_clips(media, ["liveportrait_d0.mp4", "liveportrait_d3.mp4"], 10, 256)
     out = simulate(pack, clips, n_streams=2, streams_per_process=1, seconds=1.5, max_wait_ms=2.0,
-                   batch_regression=True)
+                   device_stages=True)
     assert "error" not in out, out
     assert out["regress"] == "batched on the device" and out["regress_mean_batch"] >= 1.0
     assert out["frames"] > 0 and out["latency_ms_p50"] > 0
