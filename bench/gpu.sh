@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU engines benchmark for a lent NVIDIA machine (no network, no package registry; torch CUDA 13, cupy,
-# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (100+70+210+60+40 s).
+# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (90+60+170+45+40+60 s).
 #   bash bench/gpu.sh            # on the GPU machine
 #   bash bench/gpu.sh --device cpu --streams 1,2   # the same steps on a CPU machine (checks the script)
 # Needs FACESTREAM_ASSETS (shared assets: ICT model, MediaPipe geometry, media) and the MediaPipe .tflite
 # files under <assets root>/mediapipe_models/ or ~/.cache/facestream/mediapipe_models/.
 # Writes to $OUT (or ./gpu_out): environment.txt, machine.txt, gpu_tests.txt, bench_gpu.json/.txt, prdl_*.txt, refine_batch.txt,
-# refine_profile.txt.
+# refine_profile.txt, refine_torch_profile.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -31,13 +31,13 @@ if ! python -m engine.cli assets check > /dev/null 2>&1; then
 fi
 
 step "GPU backend and batching tests"
-timeout 100 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py \
-  tests/test_regressor.py > "$OUT/gpu_tests.txt" 2>&1
+timeout 90 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py \
+  tests/test_regressor.py tests/test_refine_torch.py > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_tests.txt"
 tail -6 "$OUT/gpu_tests.txt"
 
 step "PRDL / raster GPU check (bench/gpu_check.sh)"
-timeout 70 bash bench/gpu_check.sh > /dev/null 2>&1
+timeout 60 bash bench/gpu_check.sh > /dev/null 2>&1
 echo "gpu_check rc=$?"
 tail -3 "$OUT/prdl_tests.txt" 2>/dev/null
 
@@ -46,19 +46,14 @@ step "engine benchmark (python -m engine.bench_gpu)"
 # pools per process (the default on a 16-core machine) fight over the cores and spike the regressor's latency
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 # two collection windows: 0 ms (lowest latency for few streams) and 2 ms (larger batches under load)
-timeout 210 python -m engine.bench_gpu --out "$OUT" --max-wait-ms 0,2 "$@" > "$OUT/bench_gpu.log" 2>&1
+timeout 170 python -m engine.bench_gpu --out "$OUT" --max-wait-ms 0,2 --budget-s 155 "$@" > "$OUT/bench_gpu.log" 2>&1
 echo "bench_gpu rc=$?" | tee -a "$OUT/bench_gpu.log"
 cat "$OUT/bench_gpu.txt" 2>/dev/null || tail -30 "$OUT/bench_gpu.log"
 
-# ---- OPTIONAL: batched PRDL bench, owned by the PRDL work; runs only if engine.refine has --bench-batch
-step "optional: batched PRDL (python -m engine.refine --bench-batch 64)"
-if timeout 15 python -m engine.refine --help 2>/dev/null | grep -q -- "--bench-batch"; then
-  timeout 45 python -m engine.refine --bench-batch 64 > "$OUT/refine_batch.txt" 2>&1
-  echo "refine rc=$?" >> "$OUT/refine_batch.txt"
-  tail -15 "$OUT/refine_batch.txt"
-else
-  echo "skipped: engine.refine has no --bench-batch option yet" | tee "$OUT/refine_batch.txt"
-fi
+step "batched PRDL: NumPy, CuPy, torch graph / eager (python -m engine.refine --bench-batch 64)"
+timeout 45 python -m engine.refine --bench-batch 64 > "$OUT/refine_batch.txt" 2>&1
+echo "refine rc=$?" >> "$OUT/refine_batch.txt"
+tail -15 "$OUT/refine_batch.txt"
 step "batched PRDL on CuPy, phase by phase (bench/profile_refine_cuda.py)"
 if python -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" > /dev/null 2>&1; then
   timeout 40 python bench/profile_refine_cuda.py 64 > "$OUT/refine_profile.txt" 2>&1
@@ -66,5 +61,13 @@ if python -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" > /dev
   tail -14 "$OUT/refine_profile.txt"
 else
   echo "skipped: no CuPy with a CUDA device" | tee "$OUT/refine_profile.txt"
+fi
+step "batched PRDL in torch, CUDA graphs and kernels (bench/profile_refine_torch.py)"
+if python -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1; then
+  timeout 60 python bench/profile_refine_torch.py 64 > "$OUT/refine_torch_profile.txt" 2>&1
+  echo "profile rc=$?" >> "$OUT/refine_torch_profile.txt"
+  head -12 "$OUT/refine_torch_profile.txt"
+else
+  echo "skipped: no CUDA device" | tee "$OUT/refine_torch_profile.txt"
 fi
 step "done"

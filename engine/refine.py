@@ -962,10 +962,11 @@ def synthetic_problems(refiner: PrdlRefiner, n: int, seed: int = 0) -> list[Refi
     return out
 
 
-def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
+def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0, compiled: bool = False) -> list[dict]:
     """Median milliseconds of one batched refinement of ``n_faces`` synthetic faces: NumPy's `refine_batch`, and
     where a CUDA device is present CuPy's (when installed) and torch's (`engine.refine_torch`, from its CUDA graph
-    and eagerly). Targets are prepared beforehand (they come with the masks)."""
+    and eagerly; with ``compiled`` also torch.compile'd, then captured). Targets are prepared beforehand (they come
+    with the masks)."""
     import time
 
     from engine.gaze import ICT_EYE_LOOK
@@ -986,6 +987,7 @@ def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
             pass
     import torch
 
+    captured = {}  # rows that replay CUDA graphs: their refiner (capture errors are reported)
     if torch.cuda.is_available():
         from engine.refine_torch import TorchRefiner
 
@@ -993,11 +995,19 @@ def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
         eager.graphs.enabled = False
         runs += [("torch-cuda-graph", graphs.refine, torch.cuda.synchronize),
                  ("torch-cuda-eager", eager.refine, torch.cuda.synchronize)]
+        captured["torch-cuda-graph"] = graphs
+        if compiled:
+            captured["torch-cuda-compiled-graph"] = fused = TorchRefiner(refiner, "cuda", compiled=True)
+            runs.append(("torch-cuda-compiled-graph", fused.refine, torch.cuda.synchronize))
     rows = []
     ref_results = None
     for name, run, sync in runs:
-        res = run(problems)  # warm-up (uploads constants, compiles kernels, captures the graph)
-        sync()
+        try:
+            res = run(problems)  # warm-up (uploads constants, compiles kernels, captures the graph)
+            sync()
+        except Exception as exc:  # noqa: BLE001 - one failing variant does not hide the others' figures
+            rows.append({"module": name, "faces": n_faces, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
         ts = []
         for _ in range(reps if name != "numpy" or n_faces < 8 else max(1, min(reps, 3))):
             t0 = time.perf_counter()
@@ -1011,8 +1021,8 @@ def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0) -> list[dict]:
         else:
             row["max_abs_expression_diff_vs_numpy"] = float(max(np.abs(a.expression - b.expression).max()
                                                                 for a, b in zip(res, ref_results)))
-        if name == "torch-cuda-graph":
-            row["graph_errors"] = {str(k): v for k, v in graphs.graphs.errors.items()}
+        if name in captured:
+            row["graph_errors"] = {str(k): v for k, v in captured[name].graphs.errors.items()}
         rows.append(row)
     return rows
 
@@ -1024,10 +1034,15 @@ def _main(argv=None) -> int:  # pragma: no cover - command line
     ap = argparse.ArgumentParser(prog="python -m engine.refine", description=__doc__.splitlines()[0])
     ap.add_argument("--bench-batch", type=int, default=64, metavar="N", help="faces per batch (default 64)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--compiled", action="store_true", help="also time the torch.compile'd solve (CUDA; compiles "
+                    "for minutes)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rows = bench_batch(args.bench_batch, args.reps)
+    rows = bench_batch(args.bench_batch, args.reps, compiled=args.compiled)
     for r in rows:
+        if "error" in r:
+            print(f"{r['module']:<16} failed: {r['error']}")
+            continue
         extra = (f", max |expression diff| vs numpy {r['max_abs_expression_diff_vs_numpy']:.2e}"
                  if "max_abs_expression_diff_vs_numpy" in r else "")
         print(f"{r['module']:<16} batched refinement of {r['faces']} faces: {r['ms_per_batch']:.2f} ms per batch "
