@@ -457,6 +457,14 @@ def _sum_streams(r):
         lines.append(f"{wait}  {v['streams']:>7}  {v['processes']:>5}  {v['latency_ms_p50']:>6}  {v['latency_ms_p95']:>6}"
                      f"  {v['latency_ms_p99']:>6}  {v['drop_rate']:>5}  {v['fps_per_stream']:>10}  "
                      f"{v['landmark_mean_batch']:>10}  {'yes' if v['held'] else 'no'}")
+    lines.append("where the latency goes (p50/p95 ms): landmarks and regress calls (with their queueing), the tracker's run, "
+                 "the wait before it; latency of frames with / without a detector run")
+    for v in sim:
+        p = v.get("parts_ms_p50_p95")
+        if p:
+            lines.append(f"{v.get('max_wait_ms', ''):>7}  {v['streams']:>7}  landmarks {p['landmarks']}  regress {p['regress']}"
+                         f"  tracker {p['tracker']}  before {p['before_tracker']}  detect frames {v['detect_frames']:.1%}"
+                         f" {v['latency_ms_p50_p95_detect_frames']} / tracked {v['latency_ms_p50_p95_tracked_frames']}")
     return lines + [f"streams held at p95 <= 15 ms: {r.get('streams_held', 0)}", ""]
 
 

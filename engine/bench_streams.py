@@ -120,7 +120,7 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, 
         model = FaceModel.load()
         regressor = Regressor(model)
         remote = _Remote(conn)
-        lat, dropped = [], [0]
+        lat, parts, dropped = [], [], [0]  # parts: (detector ran, landmarks ms, regress ms, tracker total ms)
         lock = threading.Lock()
         # warm-up: one short track per stream before the clock starts
         streams = {sid: _Stream(remote, regressor, model, remote_regress) for sid in stream_ids}
@@ -156,9 +156,12 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, 
                 st.handle = (sid, c, i % len(clip))
                 st.deadline = arrival + PERIOD
                 try:
-                    st.tracker.process(clip[i % len(clip)], i)
+                    state = st.tracker.process(clip[i % len(clip)], i)
+                    t = state.timings_ms
                     with lock:
                         lat.append(1e3 * (time.perf_counter() - arrival))
+                        parts.append(("detect" in t, t.get("landmarks", 0.0), t.get("regress", 0.0),
+                                      t.get("total", 0.0)))
                 except DeadlineExceeded:
                     with lock:
                         dropped[0] += 1
@@ -169,7 +172,7 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, 
             t.start()
         for t in threads:
             t.join()
-        result_queue.put(("done", {"latencies": lat, "dropped": dropped[0]}))
+        result_queue.put(("done", {"latencies": lat, "parts": parts, "dropped": dropped[0]}))
         conn.close()
         for s in shms:
             s.close()
@@ -285,13 +288,14 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
         startup = time.perf_counter() - t_spawn
         base = dict(scheduler.stats()["landmarks"])
         start.value = time.perf_counter() + 0.2
-        lat, dropped, errors = [], 0, []
+        lat, parts, dropped, errors = [], [], 0, []
         for _ in groups:
             kind, value = results.get(timeout=seconds + start_timeout)
             if kind == "error":
                 errors.append(value)
             else:
                 lat += value["latencies"]
+                parts += value["parts"]
                 dropped += value["dropped"]
         stats = scheduler.stats()
     finally:
@@ -322,8 +326,28 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
     if "regress" in stats:
         out["regress_mean_batch"] = stats["regress"]["mean_batch"]
         out["regress_batch_run_ms_median"] = stats["regress"]["run_ms_median"]
+    out.update(_latency_parts(lat, parts))
     out["held"] = bool(lat.size and out["latency_ms_p95"] <= 15.0 and out["drop_rate"] <= 0.01)
     return out
+
+
+def _latency_parts(lat: np.ndarray, parts: list) -> dict:
+    """Where a frame's latency goes (p50 / p95 ms): the tracker's landmark and regression calls (each including
+    its queueing in the network process), the tracker's whole run, the wait before it (the stream's previous
+    frame still running), and the latency of frames with and without a detector run."""
+    if not lat.size:
+        return {}
+    det, lm, reg, total = (np.asarray(a, float) for a in zip(*parts))
+    det = det.astype(bool)
+
+    def pct(a):
+        return [round(float(np.percentile(a, 50)), 2), round(float(np.percentile(a, 95)), 2)] if a.size else None
+
+    return {"parts_ms_p50_p95": {"landmarks": pct(lm), "regress": pct(reg), "tracker": pct(total),
+                                 "before_tracker": pct(lat - total)},
+            "detect_frames": round(float(det.mean()), 4),
+            "latency_ms_p50_p95_detect_frames": pct(lat[det]),
+            "latency_ms_p50_p95_tracked_frames": pct(lat[~det])}
 
 
 def load_clips(media: Path, names, n_frames: int = 60, size: int = 512) -> list[np.ndarray]:
