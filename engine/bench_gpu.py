@@ -448,9 +448,9 @@ def _sum_streams(r):
     if not sim:
         return []
     lines = ["simulated 30 fps streams (network process + session processes, see engine/bench_streams.py):",
-             "wait ms  streams  procs  p50 ms  p95 ms  p99 ms  drop   fps/stream  mean batch  held (p95<=15ms, drops<=1%)"]
+             "wait ms  net  streams  procs  p50 ms  p95 ms  p99 ms  drop   fps/stream  mean batch  held (p95<=15ms, drops<=1%)"]
     for v in sim:
-        wait = f"{v.get('max_wait_ms', ''):>7}"
+        wait = f"{v.get('max_wait_ms', ''):>7}  {v.get('network_processes', 1):>3}"
         if "error" in v:
             lines.append(f"{wait}  {v['streams']:>7}  error: {v['error']}")
             continue
@@ -462,7 +462,7 @@ def _sum_streams(r):
     for v in sim:
         p = v.get("parts_ms_p50_p95")
         if p:
-            lines.append(f"{v.get('max_wait_ms', ''):>7}  {v['streams']:>7}  landmarks {p['landmarks']}  regress {p['regress']}"
+            lines.append(f"{v.get('max_wait_ms', ''):>7}  {v.get('network_processes', 1):>3}  {v['streams']:>7}  landmarks {p['landmarks']}  regress {p['regress']}"
                          f"  tracker {p['tracker']}  before {p['before_tracker']}  detect frames {v['detect_frames']:.1%}"
                          f" {v['latency_ms_p50_p95_detect_frames']} / tracked {v['latency_ms_p50_p95_tracked_frames']}")
     return lines + [f"streams held at p95 <= 15 ms: {r.get('streams_held', 0)}", ""]
@@ -477,6 +477,8 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", default=None, help="stream counts to simulate (default cuda: 1,8,16,32,48,64; cpu: 1,2)")
     ap.add_argument("--streams-per-process", type=int, default=3,
                     help="streams per session process in the simulation (the per-face regressor holds the GIL)")
+    ap.add_argument("--network-processes", default="1", help="network processes (each its own pack, scheduler and "
+                    "CUDA context) sharing the simulated streams: a comma list runs the simulation once per count")
     ap.add_argument("--max-wait-ms", default="2", help="the scheduler's collection window(s), ms: a comma list runs "
                                                        "the stream simulation once per window")
     ap.add_argument("--stream-seconds", type=float, default=None)
@@ -503,6 +505,7 @@ def main(argv=None) -> int:
     repeat = args.repeat or (5 if cpu_mode else 30)
     batches = [int(b) for b in args.batches.split(",")]
     waits = [float(w) for w in str(args.max_wait_ms).split(",")]
+    nets = [int(k) for k in str(args.network_processes).split(",")]
     streams = [int(s) for s in (args.streams or ("1,2" if cpu_mode else "1,8,16,32,48,64")).split(",")]
     seconds = args.stream_seconds or (3.0 if cpu_mode else 4.0)
     out_dir = Path(args.out)
@@ -577,15 +580,16 @@ def main(argv=None) -> int:
 
         clips = load_clips(media, VIDEOS[:4], 60, 512)
         rows = []
-        for wait in waits:
+        for net, wait in ((k, w) for k in nets for w in waits):
             for n in streams:
                 if time.perf_counter() - t_all > args.budget_s:
-                    rows.append({"streams": n, "max_wait_ms": wait,
+                    rows.append({"streams": n, "max_wait_ms": wait, "network_processes": net,
                                  "error": f"not run: time budget of {args.budget_s:g} s used up"})
                     break
-                print(f"bench_gpu: {n} streams, collection window {wait:g} ms ...", flush=True)
+                print(f"bench_gpu: {n} streams, collection window {wait:g} ms, {net} network process(es) ...", flush=True)
                 rows.append({"max_wait_ms": wait,
-                             **simulate(dev_pack, clips, n, args.streams_per_process, seconds, wait)})
+                             **simulate(dev_pack, clips, n, args.streams_per_process, seconds, wait,
+                                        network_processes=net, backend=(device, backend_name))})
                 print("   ", rows[-1], flush=True)
                 result["streams"] = rows
                 save()

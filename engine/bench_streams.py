@@ -244,16 +244,104 @@ def _serve(conn, scheduler, store, stop):
         fut.add_done_callback(lambda f, rid=rid: reply(rid, f))
 
 
-def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process: int, seconds: float,
-             max_wait_ms: float = 2.0, start_timeout: float = 120.0, device_stages: bool | None = None) -> dict:
-    """Run `n_streams` simulated 30 fps streams for `seconds`; `pack` is this (network) process's pack.
-    ``device_stages``: the scheduler's choice (None: on a CUDA device) of a batched regress stage."""
-    from engine.batching import BatchScheduler
+class _NetworkNode:
+    """One network process's share of the streams: its scheduler (on its pack's device), the frames uploaded there,
+    and the session processes it serves over pipes."""
 
+    def __init__(self, pack, clip_meta, stream_ids: list[int], streams_per_process: int, seconds: float,
+                 max_wait_ms: float, device_stages: bool | None, start, ctx):
+        from engine.batching import BatchScheduler
+
+        self.shms = [shared_memory.SharedMemory(name=name) for name, _ in clip_meta]
+        clips = [np.ndarray(shape, np.uint8, buffer=s.buf) for s, (_, shape) in zip(self.shms, clip_meta)]
+        self.seconds = seconds
+        self.scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms, device_stages=device_stages)
+        self.scheduler.warm()
+        store = _FrameStore(pack.landmarker, clips)
+        self.results = ctx.Queue()
+        self.stop = threading.Event()
+        self.groups = [stream_ids[k:k + streams_per_process] for k in range(0, len(stream_ids), streams_per_process)]
+        self.procs = []
+        for ids in self.groups:
+            ours, theirs = ctx.Pipe()
+            p = ctx.Process(target=_session_process, args=(theirs, ids, clip_meta, start, seconds, self.results,
+                                                           self.scheduler.regress is not None), daemon=True)
+            p.start()
+            threading.Thread(target=_serve, args=(ours, self.scheduler, store, self.stop), daemon=True).start()
+            self.procs.append(p)
+
+    def wait_ready(self, timeout: float) -> str | None:
+        """None when every session process has warmed up, else the first error."""
+        for _ in self.groups:
+            kind, value = self.results.get(timeout=timeout)
+            if kind == "error":
+                return value
+        self.base = dict(self.scheduler.stats()["landmarks"])
+        return None
+
+    def collect(self, timeout: float) -> dict:
+        """The session processes' latencies once they are done, and this scheduler's batches during the run."""
+        out = {"latencies": [], "parts": [], "dropped": 0, "errors": []}
+        for _ in self.groups:
+            kind, value = self.results.get(timeout=self.seconds + timeout)
+            if kind == "error":
+                out["errors"].append(value)
+            else:
+                out["latencies"] += value["latencies"]
+                out["parts"] += value["parts"]
+                out["dropped"] += value["dropped"]
+        stats = self.scheduler.stats()
+        lm = stats["landmarks"]
+        out.update(landmark_items=lm["items"] - self.base["items"], landmark_batches=lm["batches"] - self.base["batches"],
+                   landmark_run_ms=lm["run_ms_median"], expired=sum(v["expired"] for v in stats.values()),
+                   regress=stats.get("regress"))
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+        self.scheduler.close()
+        for s in self.shms:
+            s.close()
+
+
+def _network_process(backend, clip_meta, stream_ids, streams_per_process, seconds, max_wait_ms, device_stages,
+                     start, start_timeout, report):
+    """A spawned network process: its own pack on ``backend`` ((device, backend name), its own CUDA context) serving
+    a share of the streams; reports ("ready", error) and then ("done", `_NetworkNode.collect`)."""
+    node = None
+    try:
+        from engine.bench_gpu import make_backend
+        from engine.pack import Pack
+
+        node = _NetworkNode(Pack(make_backend(*backend)), clip_meta, stream_ids, streams_per_process, seconds,
+                            max_wait_ms, device_stages, start, mp.get_context("spawn"))
+        report.put(("ready", node.wait_ready(start_timeout)))
+        report.put(("done", node.collect(start_timeout)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the simulation
+        report.put(("ready", f"{type(exc).__name__}: {exc}"))
+    finally:
+        if node is not None:
+            node.close()
+
+
+def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process: int, seconds: float,
+             max_wait_ms: float = 2.0, start_timeout: float = 120.0, device_stages: bool | None = None,
+             network_processes: int = 1, backend: tuple[str, str] | None = None) -> dict:
+    """Run `n_streams` simulated 30 fps streams for `seconds`; `pack` is this (network) process's pack.
+    ``device_stages``: the scheduler's choice (None: on a CUDA device) of batched fit and refine stages.
+    ``network_processes`` > 1: the streams are shared among that many network processes -- this one and spawned
+    ones, each with its own pack on ``backend`` ((device, backend name)), scheduler and CUDA context -- so that
+    no one process's CPU work (frame uploads, pipes, stage threads under one GIL) bounds the streams."""
     # a session process is one core's worth of work: without this, each would start a BLAS pool as wide as
     # the machine, and those pools fight over the cores (latency spikes in the per-face regressor)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    if network_processes > 1 and backend is None:
+        raise ValueError("simulate: network_processes > 1 needs the backend (device, name) to build their packs")
     ctx = mp.get_context("spawn")
     shms, meta = [], []
     for clip in clips:
@@ -261,71 +349,59 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
         np.ndarray(clip.shape, np.uint8, buffer=s.buf)[:] = clip
         shms.append(s)
         meta.append((s.name, clip.shape))
-    store_clips = [np.ndarray(shape, np.uint8, buffer=s.buf) for s, (_, shape) in zip(shms, meta)]
-    scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms, device_stages=device_stages)
-    scheduler.warm()
-    store = _FrameStore(pack.landmarker, store_clips)
     start = ctx.Value("d", 0.0)
-    results = ctx.Queue()
-    stop = threading.Event()
-    groups = [list(range(k, min(k + streams_per_process, n_streams))) for k in range(0, n_streams, streams_per_process)]
-    procs, servers = [], []
+    report = ctx.Queue()
+    n_net = max(1, min(network_processes, n_streams))
+    shares = [list(range(n_streams))[k::n_net] for k in range(n_net)]
+    spawned, node = [], None
     t_spawn = time.perf_counter()
     try:
-        for ids in groups:
-            ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=_session_process, args=(theirs, ids, meta, start, seconds, results,
-                                                           scheduler.regress is not None), daemon=True)
+        for share in shares[1:]:  # not daemonic: a network process starts session processes of its own
+            p = ctx.Process(target=_network_process, args=(backend, meta, share, streams_per_process, seconds,
+                                                           max_wait_ms, device_stages, start, start_timeout, report))
             p.start()
-            th = threading.Thread(target=_serve, args=(ours, scheduler, store, stop), daemon=True)
-            th.start()
-            procs.append(p)
-            servers.append(th)
-        for _ in groups:
-            kind, value = results.get(timeout=start_timeout)
-            if kind == "error":
-                return {"streams": n_streams, "processes": len(groups), "error": value}
+            spawned.append(p)
+        node = _NetworkNode(pack, meta, shares[0], streams_per_process, seconds, max_wait_ms, device_stages, start, ctx)
+        errors = [node.wait_ready(start_timeout)]
+        errors += [report.get(timeout=start_timeout + 120.0)[1] for _ in spawned]  # their packs load and warm first
         startup = time.perf_counter() - t_spawn
-        base = dict(scheduler.stats()["landmarks"])
+        n_procs = sum(processes_for(len(sh), streams_per_process) for sh in shares)
+        if any(errors):
+            return {"streams": n_streams, "processes": n_procs, "error": next(e for e in errors if e)}
         start.value = time.perf_counter() + 0.2
-        lat, parts, dropped, errors = [], [], 0, []
-        for _ in groups:
-            kind, value = results.get(timeout=seconds + start_timeout)
-            if kind == "error":
-                errors.append(value)
-            else:
-                lat += value["latencies"]
-                parts += value["parts"]
-                dropped += value["dropped"]
-        stats = scheduler.stats()
+        runs = [node.collect(start_timeout)] + [report.get(timeout=seconds + start_timeout)[1] for _ in spawned]
     finally:
-        stop.set()
-        for p in procs:
-            p.join(timeout=10)
+        if node is not None:
+            node.close()
+        for p in spawned:
+            p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-        scheduler.close()
         for s in shms:
             s.close()
             s.unlink()
+    errors = [e for r in runs for e in r["errors"]]
     if errors:
-        return {"streams": n_streams, "processes": len(groups), "error": errors[0]}
-    lat = np.asarray(lat, float)
-    lm = stats["landmarks"]
-    items, batches = lm["items"] - base["items"], lm["batches"] - base["batches"]
-    out = {"streams": n_streams, "processes": len(groups), "frames": int(lat.size), "dropped": dropped,
-           "drop_rate": round(dropped / max(lat.size + dropped, 1), 4),
+        return {"streams": n_streams, "processes": n_procs, "error": errors[0]}
+    lat = np.asarray([x for r in runs for x in r["latencies"]], float)
+    parts = [x for r in runs for x in r["parts"]]
+    dropped = sum(r["dropped"] for r in runs)
+    items, batches = sum(r["landmark_items"] for r in runs), sum(r["landmark_batches"] for r in runs)
+    run_ms = [r["landmark_run_ms"] for r in runs if r["landmark_run_ms"] is not None]
+    out = {"streams": n_streams, "processes": n_procs, "network_processes": n_net, "frames": int(lat.size),
+           "dropped": dropped, "drop_rate": round(dropped / max(lat.size + dropped, 1), 4),
            "fps_per_stream": round(lat.size / n_streams / seconds, 2),
            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
            "latency_ms_p95": round(float(np.percentile(lat, 95)), 2) if lat.size else None,
            "latency_ms_p99": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
            "landmark_mean_batch": round(items / max(batches, 1), 2),
-           "landmark_batch_run_ms_median": lm["run_ms_median"],
-           "expired": sum(v["expired"] for v in stats.values()), "startup_s": round(startup, 1),
-           "regress": "batched on the device" if "regress" in stats else "per face in the session processes"}
-    if "regress" in stats:
-        out["regress_mean_batch"] = stats["regress"]["mean_batch"]
-        out["regress_batch_run_ms_median"] = stats["regress"]["run_ms_median"]
+           "landmark_batch_run_ms_median": round(float(np.median(run_ms)), 3) if run_ms else None,
+           "expired": sum(r["expired"] for r in runs), "startup_s": round(startup, 1),
+           "regress": "batched on the device" if runs[0]["regress"] else "per face in the session processes"}
+    reg = [r["regress"] for r in runs if r["regress"]]
+    if reg:
+        out["regress_mean_batch"] = round(float(np.mean([g["mean_batch"] for g in reg])), 2)
+        out["regress_batch_run_ms_median"] = float(np.median([g["run_ms_median"] or 0.0 for g in reg]))
     out.update(_latency_parts(lat, parts))
     out["held"] = bool(lat.size and out["latency_ms_p95"] <= 15.0 and out["drop_rate"] <= 0.01)
     return out

@@ -57,3 +57,20 @@ def test_stream_simulation_with_the_batched_regress_stage(pack, media):
     assert "error" not in out, out
     assert out["regress"] == "batched on the device" and out["regress_mean_batch"] >= 1.0
     assert out["frames"] > 0 and out["latency_ms_p50"] > 0
+
+
+def test_stream_simulation_with_two_network_processes(pack, media):
+    """Streams shared between this network process and a spawned one (its own pack and scheduler): every stream
+    is served, the latency parts are reported."""
+    from engine.bench_streams import load_clips, simulate
+
+    clips = load_clips(media, ["liveportrait_d0.mp4", "liveportrait_d3.mp4"], 10, 256)
+    out = simulate(pack, clips, n_streams=2, streams_per_process=1, seconds=1.0, max_wait_ms=0.0,
+                   network_processes=2, backend=("cpu", "auto"))
+    assert "error" not in out, out
+    assert out["network_processes"] == 2 and out["processes"] == 2
+    assert out["frames"] + out["dropped"] >= 2 * 25 and out["fps_per_stream"] > 10
+    parts = out["parts_ms_p50_p95"]
+    assert parts["landmarks"][0] > 0 and parts["tracker"][1] >= parts["tracker"][0]
+    with pytest.raises(ValueError, match="backend"):
+        simulate(pack, clips, n_streams=2, streams_per_process=1, seconds=1.0, network_processes=2)
