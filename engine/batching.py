@@ -300,18 +300,19 @@ class BatchScheduler:
         return self.pack.regressor.fit_tracked(items, device=self.stage_device)
 
     def _refine_batch(self, problems: list) -> list:
-        return self._torch_refiner().refine(problems)
+        return self.device_refiner().refine(problems)
 
-    def _torch_refiner(self):
+    def device_refiner(self):
+        """The refine stage's TorchRefiner (on the stage device)."""
         if self._refiner is None:  # built on first use
             from engine.refine_torch import TorchRefiner
 
             self._refiner = TorchRefiner(self.pack.refiner(), self.stage_device)
         return self._refiner
 
-    def warm(self) -> int:
-        """Capture the CUDA graphs of every batch bucket now (cuda backend: the networks, the batched fit and the
-        PRDL refinement), not on the first frames.
+    def warm(self, prdl: bool = True) -> int:
+        """Capture the CUDA graphs of every batch bucket now (cuda backend: the networks, the batched fit and, with
+        ``prdl``, the PRDL refinement), not on the first frames.
         Returns the number of captured shapes (0 on backends without graphs)."""
         runner = getattr(self.pack.backend, "runner", None)
         n = 0
@@ -322,8 +323,8 @@ class BatchScheduler:
                 n += r.warm([shape], sizes=sizes)
         if self.regress is not None:  # the batched fit's graphs (one per bucket size)
             n += self.pack.regressor.warm_batch(self.stage_device, self.max_batch)
-        if self.refine is not None:  # the refinement's graphs (one per bucket size and part set)
-            n += self._torch_refiner().warm(self.max_batch)
+        if prdl and self.refine is not None:  # the refinement's graphs (one per bucket size and part set)
+            n += self.device_refiner().warm(self.max_batch)
         return n
 
     def session(self, config=None, camera=None, profile=None, masks: str = "landmarks") -> Session:

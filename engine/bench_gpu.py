@@ -389,6 +389,10 @@ def _sum_header(r):
         g = r["regress_graphs"]
         lines.append(f"batched fit graphs (batch buckets): {[b for b, _ in g['captured']]}"
                      + (f"; capture errors: {g['errors']}" if g["errors"] else ""))
+    if "refine_graphs" in r:
+        g = r["refine_graphs"]
+        lines.append(f"PRDL refinement graphs (bucket, (parts, anchors)): {len(g['captured'])} captured"
+                     + (f"; capture errors: {g['errors']}" if g["errors"] else ""))
     return lines + [""]
 
 
@@ -532,6 +536,10 @@ def main(argv=None) -> int:
         result["backend"] = dev_pack.backend.describe()
         result["graph_capture_s"] = round(time.perf_counter() - t0, 2)
         result["regress_graphs"] = dev_pack.regressor.batched_graphs(sched.stage_device or "cpu")
+        if sched.refine is not None:
+            g = sched.device_refiner().graphs
+            result["refine_graphs"] = {"captured": sorted(str(k) for k in g.graphs),
+                                       "errors": {str(k): v for k, v in g.errors.items()}}
 
     def save(final: bool = False):
         """Results so far to --out (after every step, so a run cut short by a time limit keeps them)."""

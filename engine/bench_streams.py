@@ -256,7 +256,7 @@ class _NetworkNode:
         clips = [np.ndarray(shape, np.uint8, buffer=s.buf) for s, (_, shape) in zip(self.shms, clip_meta)]
         self.seconds = seconds
         self.scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms, device_stages=device_stages)
-        self.scheduler.warm()
+        self.scheduler.warm(prdl=False)  # the simulated trackers run without PRDL
         store = _FrameStore(pack.landmarker, clips)
         self.results = ctx.Queue()
         self.stop = threading.Event()
