@@ -55,20 +55,19 @@ step "batched PRDL: NumPy, CuPy, torch graph / eager (python -m engine.refine --
 timeout 45 python -m engine.refine --bench-batch 64 > "$OUT/refine_batch.txt" 2>&1
 echo "refine rc=$?" >> "$OUT/refine_batch.txt"
 tail -15 "$OUT/refine_batch.txt"
-step "batched PRDL on CuPy, phase by phase (bench/profile_refine_cuda.py)"
-if python -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" > /dev/null 2>&1; then
-  timeout 40 python bench/profile_refine_cuda.py 64 > "$OUT/refine_profile.txt" 2>&1
-  echo "profile rc=$?" >> "$OUT/refine_profile.txt"
-  tail -14 "$OUT/refine_profile.txt"
-else
-  echo "skipped: no CuPy with a CUDA device" | tee "$OUT/refine_profile.txt"
-fi
-step "batched PRDL in torch, CUDA graphs and kernels (bench/profile_refine_torch.py)"
-if python -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1; then
-  timeout 60 python bench/profile_refine_torch.py 64 > "$OUT/refine_torch_profile.txt" 2>&1
-  echo "profile rc=$?" >> "$OUT/refine_torch_profile.txt"
-  head -12 "$OUT/refine_torch_profile.txt"
-else
-  echo "skipped: no CUDA device" | tee "$OUT/refine_torch_profile.txt"
-fi
+# profile_step TITLE FILE LIMIT CHECK SCRIPT: runs python SCRIPT 64 into $OUT/FILE when the python CHECK passes
+profile_step() {
+  step "$1"
+  if python -c "$4" > /dev/null 2>&1; then
+    timeout "$3" python "$5" 64 > "$OUT/$2" 2>&1
+    echo "profile rc=$?" >> "$OUT/$2"
+    tail -14 "$OUT/$2"
+  else
+    echo "skipped: no CUDA device (or no CuPy)" | tee "$OUT/$2"
+  fi
+}
+profile_step "batched PRDL on CuPy, phase by phase (bench/profile_refine_cuda.py)" refine_profile.txt 40 \
+  "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" bench/profile_refine_cuda.py
+profile_step "batched PRDL in torch, CUDA graphs and kernels (bench/profile_refine_torch.py)" refine_torch_profile.txt 60 \
+  "import torch; assert torch.cuda.is_available()" bench/profile_refine_torch.py
 step "done"

@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +48,26 @@ def model():
         return FaceModel.load()
     except AssetMissingError as exc:
         pytest.skip(f"{exc}")
+
+
+@pytest.fixture(scope="session")
+def batch_refiner(model):
+    """The refiner the batched-refinement tests share (eye-look shapes held, as the tracker's)."""
+    from engine.gaze import ICT_EYE_LOOK
+    from engine.refine import PrdlRefiner
+
+    fixed = np.zeros(model.n_exp, bool)
+    fixed[list(ICT_EYE_LOOK.values())] = True
+    return PrdlRefiner(model, fixed_exp=fixed)
+
+
+@pytest.fixture(scope="session")
+def batch_problems(batch_refiner):
+    """Six synthetic refinement problems, half of them with a previous frame (temporal term)."""
+    from engine.refine import synthetic_problems
+
+    probs = synthetic_problems(batch_refiner, 6, seed=3)
+    for i, p in enumerate(probs):
+        if i % 2:
+            p.exp_prev = np.clip(p.expression + 0.05, 0.0, 1.0)
+    return probs

@@ -8,27 +8,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-@pytest.fixture(scope="module")
-def refiner(model):
-    from engine.gaze import ICT_EYE_LOOK
-    from engine.refine import PrdlRefiner
-
-    fixed = np.zeros(model.n_exp, bool)
-    fixed[list(ICT_EYE_LOOK.values())] = True
-    return PrdlRefiner(model, fixed_exp=fixed)
-
-
-@pytest.fixture(scope="module")
-def problems(refiner):
-    from engine.refine import synthetic_problems
-
-    probs = synthetic_problems(refiner, 6, seed=3)
-    for i, p in enumerate(probs):  # half of them with a previous frame (temporal term)
-        if i % 2:
-            p.exp_prev = np.clip(p.expression + 0.05, 0.0, 1.0)
-    return probs
-
-
 def _agrees(ref, got):
     """float32 sums in another order can flip a candidate between two cells or a near-tied LM acceptance, so
     the tolerance is on the answer (as CuPy's): expression within 0.02, loss within 2 %; most faces agree to
@@ -45,13 +24,13 @@ def _agrees(ref, got):
     assert close >= len(ref) // 2
 
 
-def test_torch_refinement_gives_numpy_answers(refiner, problems):
+def test_torch_refinement_gives_numpy_answers(batch_refiner, batch_problems):
     from engine.refine_torch import TorchRefiner
 
-    _agrees(refiner.refine_batch(problems), TorchRefiner(refiner).refine(problems))
+    _agrees(batch_refiner.refine_batch(batch_problems), TorchRefiner(batch_refiner).refine(batch_problems))
 
 
-def test_landmark_mask_weights_and_a_face_off_its_crop(refiner, problems):
+def test_landmark_mask_weights_and_a_face_off_its_crop(batch_refiner, batch_problems):
     """Parts no face weighs are left out (the landmark masks' weights); a face with no candidate in its crop comes
     back unchanged with nothing used."""
     from dataclasses import replace
@@ -59,22 +38,22 @@ def test_landmark_mask_weights_and_a_face_off_its_crop(refiner, problems):
     from engine.refine import LANDMARK_MASK_PART_WEIGHTS
     from engine.refine_torch import TorchRefiner
 
-    lm = [replace(p, part_weights=LANDMARK_MASK_PART_WEIGHTS) for p in problems[:2]]
-    _agrees(refiner.refine_batch(lm), TorchRefiner(refiner).refine(lm))
-    off = replace(problems[0], translation=np.asarray(problems[0].translation) + np.array([200.0, 0.0, 0.0]))
-    r = TorchRefiner(refiner).refine([off])[0]
+    lm = [replace(p, part_weights=LANDMARK_MASK_PART_WEIGHTS) for p in batch_problems[:2]]
+    _agrees(batch_refiner.refine_batch(lm), TorchRefiner(batch_refiner).refine(lm))
+    off = replace(batch_problems[0], translation=np.asarray(batch_problems[0].translation) + np.array([200.0, 0.0, 0.0]))
+    r = TorchRefiner(batch_refiner).refine([off])[0]
     assert r.loss_before == r.loss_after == 0.0 and not any(r.used_parts)
     assert np.allclose(r.translation, off.translation)
 
 
-def test_faces_do_not_depend_on_their_batch(refiner, problems):
+def test_faces_do_not_depend_on_their_batch(batch_refiner, batch_problems):
     """A CUDA graph pads a batch to its bucket by repeating the first face: the real faces' answers must not
     change (each face's keys, sums and solves are its own)."""
     from engine.refine_torch import TorchRefiner
 
-    tr = TorchRefiner(refiner)
-    alone = tr.refine(problems[1:3])
-    padded = tr.refine(problems[1:3] + [problems[1]] * 6)
+    tr = TorchRefiner(batch_refiner)
+    alone = tr.refine(batch_problems[1:3])
+    padded = tr.refine(batch_problems[1:3] + [batch_problems[1]] * 6)
     for a, b in zip(alone, padded):
         assert np.allclose(a.expression, b.expression, atol=1e-6)
         assert a.loss_after == pytest.approx(b.loss_after, rel=1e-6)
@@ -97,13 +76,13 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_solve_reads_nothing_back(refiner, problems):
+def test_the_solve_reads_nothing_back(batch_refiner, batch_problems):
     """What a CUDA graph needs, checked on the CPU: the whole solve dispatches no operator that reads values back.
     (The same mode catches a Python branch on a tensor: that is a ``_local_scalar_dense`` call.)"""
     from engine.refine_torch import TorchRefiner
 
-    tr = TorchRefiner(refiner)
-    inp = refiner.batch_inputs(problems[:3])
+    tr = TorchRefiner(batch_refiner)
+    inp = batch_refiner.batch_inputs(batch_problems[:3])
     c = tr._constants_for(inp.parts)
     host = [inp.aff, inp.cam, inp.expression, inp.prior, inp.prev, inp.temporal, inp.rotation_cam,
             inp.translation, inp.identity, inp.anchors, inp.target_desc, inp.target_valid, inp.cells,
@@ -112,24 +91,24 @@ def test_the_solve_reads_nothing_back(refiner, problems):
     with _HostReads() as mode:
         out = tr._solve(c, *args)
     assert mode.seen == [], mode.seen
-    assert out.shape == (3, 9 + 3 + refiner.model.n_exp + 3 + len(inp.parts))
+    assert out.shape == (3, 9 + 3 + batch_refiner.model.n_exp + 3 + len(inp.parts))
     # and the mode does see a host read where there is one
     with _HostReads() as mode:
         bool(args[2].sum() > 0)
     assert mode.seen
 
 
-def test_cuda_graph_refinement_matches_numpy(refiner, problems):  # pragma: no cover - needs a GPU
+def test_cuda_graph_refinement_matches_numpy(batch_refiner, batch_problems):  # pragma: no cover - needs a GPU
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: no CUDA device is visible (torch.cuda.is_available() is False)")
     from engine.refine_torch import TorchRefiner
 
-    ref = refiner.refine_batch(problems)
-    tr = TorchRefiner(refiner, "cuda")
-    _agrees(ref, tr.refine(problems))  # captures the bucket of 8
+    ref = batch_refiner.refine_batch(batch_problems)
+    tr = TorchRefiner(batch_refiner, "cuda")
+    _agrees(ref, tr.refine(batch_problems))  # captures the bucket of 8
     assert not tr.graphs.errors, tr.graphs.errors
     assert len(tr.graphs.graphs) == 1
-    _agrees(ref, tr.refine(problems))  # replay
-    _agrees(ref[:3], tr.refine(problems[:3]))  # the bucket of 4, padded
+    _agrees(ref, tr.refine(batch_problems))  # replay
+    _agrees(ref[:3], tr.refine(batch_problems[:3]))  # the bucket of 4, padded
     tr.graphs.enabled = False
-    _agrees(ref, tr.refine(problems))  # eager on the GPU
+    _agrees(ref, tr.refine(batch_problems))  # eager on the GPU
