@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import queue
 import threading
 import time
 from multiprocessing import shared_memory
@@ -133,6 +134,8 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, 
         result_queue.put(("ready", None))
         while start.value == 0.0:
             time.sleep(0.001)
+        if start.value < 0:  # the simulation was called off (another process failed to start)
+            return
         t_start = start.value
 
         def run(sid):
@@ -273,7 +276,10 @@ class _NetworkNode:
     def wait_ready(self, timeout: float) -> str | None:
         """None when every session process has warmed up, else the first error."""
         for _ in self.groups:
-            kind, value = self.results.get(timeout=timeout)
+            try:
+                kind, value = self.results.get(timeout=timeout)
+            except queue.Empty:
+                return f"a session process did not get ready in {timeout:g} s"
             if kind == "error":
                 return value
         self.base = dict(self.scheduler.stats()["landmarks"])
@@ -283,7 +289,10 @@ class _NetworkNode:
         """The session processes' latencies once they are done, and this scheduler's batches during the run."""
         out = {"latencies": [], "parts": [], "dropped": 0, "errors": []}
         for _ in self.groups:
-            kind, value = self.results.get(timeout=self.seconds + timeout)
+            try:
+                kind, value = self.results.get(timeout=self.seconds + timeout)
+            except queue.Empty:
+                kind, value = "error", f"a session process did not finish in {self.seconds + timeout:g} s"
             if kind == "error":
                 out["errors"].append(value)
             else:
@@ -309,23 +318,43 @@ class _NetworkNode:
 
 
 def _network_process(backend, clip_meta, stream_ids, streams_per_process, seconds, max_wait_ms, device_stages,
-                     start, start_timeout, report):
+                     start, start_timeout, report, torch_threads: int):
     """A spawned network process: its own pack on ``backend`` ((device, backend name), its own CUDA context) serving
-    a share of the streams; reports ("ready", error) and then ("done", `_NetworkNode.collect`)."""
+    a share of the streams; reports ("ready", None), then ("done", `_NetworkNode.collect`), or ("error", why)."""
     node = None
     try:
+        import torch
+
+        torch.set_num_threads(torch_threads)  # as the first network process (its environment says 1, for sessions)
         from engine.bench_gpu import make_backend
         from engine.pack import Pack
 
         node = _NetworkNode(Pack(make_backend(*backend)), clip_meta, stream_ids, streams_per_process, seconds,
                             max_wait_ms, device_stages, start, mp.get_context("spawn"))
-        report.put(("ready", node.wait_ready(start_timeout)))
-        report.put(("done", node.collect(start_timeout)))
+        error = node.wait_ready(start_timeout)
+        report.put(("error", error) if error else ("ready", None))
+        if error is None:
+            report.put(("done", node.collect(start_timeout)))
     except BaseException as exc:  # noqa: BLE001 - reported to the simulation
-        report.put(("ready", f"{type(exc).__name__}: {exc}"))
+        report.put(("error", f"network process: {type(exc).__name__}: {exc}"))
     finally:
         if node is not None:
             node.close()
+
+
+def _report(report, procs, timeout: float):
+    """The next (kind, value) from the spawned network processes, or ("error", ...) when one has died or none spoke
+    within ``timeout`` seconds."""
+    t_end = time.perf_counter() + timeout
+    while True:
+        try:
+            return report.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                return "error", f"a network process exited with code {dead[0]}"
+            if time.perf_counter() > t_end:
+                return "error", f"no word from a network process in {timeout:g} s"
 
 
 def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process: int, seconds: float,
@@ -356,21 +385,30 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
     spawned, node = [], None
     t_spawn = time.perf_counter()
     try:
+        import torch
+
         for share in shares[1:]:  # not daemonic: a network process starts session processes of its own
             p = ctx.Process(target=_network_process, args=(backend, meta, share, streams_per_process, seconds,
-                                                           max_wait_ms, device_stages, start, start_timeout, report))
+                                                           max_wait_ms, device_stages, start, start_timeout, report,
+                                                           torch.get_num_threads()))
             p.start()
             spawned.append(p)
         node = _NetworkNode(pack, meta, shares[0], streams_per_process, seconds, max_wait_ms, device_stages, start, ctx)
         errors = [node.wait_ready(start_timeout)]
-        errors += [report.get(timeout=start_timeout + 120.0)[1] for _ in spawned]  # their packs load and warm first
+        errors += [_report(report, spawned, start_timeout + 120.0)[1] for _ in spawned]  # their packs load first
         startup = time.perf_counter() - t_spawn
         n_procs = sum(processes_for(len(sh), streams_per_process) for sh in shares)
         if any(errors):
+            start.value = -1.0  # every waiting session process gives up
             return {"streams": n_streams, "processes": n_procs, "error": next(e for e in errors if e)}
         start.value = time.perf_counter() + 0.2
-        runs = [node.collect(start_timeout)] + [report.get(timeout=seconds + start_timeout)[1] for _ in spawned]
+        runs = [node.collect(start_timeout)]
+        for _ in spawned:
+            kind, value = _report(report, spawned, seconds + start_timeout)
+            runs.append(value if kind == "done" else {"errors": [value]})
     finally:
+        if start.value == 0.0:
+            start.value = -1.0  # an exception before the start: release the session processes
         if node is not None:
             node.close()
         for p in spawned:
@@ -380,7 +418,7 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
         for s in shms:
             s.close()
             s.unlink()
-    errors = [e for r in runs for e in r["errors"]]
+    errors = [e for r in runs for e in r["errors"]]  # a failed run carries only its errors
     if errors:
         return {"streams": n_streams, "processes": n_procs, "error": errors[0]}
     lat = np.asarray([x for r in runs for x in r["latencies"]], float)

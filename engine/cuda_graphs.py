@@ -35,6 +35,7 @@ class CapturedBatch:
     def __init__(self, fn: Callable, bucket: int, host: Sequence[np.ndarray], device: torch.device):
         self.lock = threading.Lock()
         self.bucket = bucket
+        self.fn = fn  # keeps what ``fn`` holds alive (e.g. constant tensors) as long as the graph reads them
         with _LINALG_PREFERENCE_LOCK, torch.cuda.device(device):
             library = torch.backends.cuda.preferred_linalg_library()
             torch.backends.cuda.preferred_linalg_library("cusolver")

@@ -74,3 +74,20 @@ def test_stream_simulation_with_two_network_processes(pack, media):
     assert parts["landmarks"][0] > 0 and parts["tracker"][1] >= parts["tracker"][0]
     with pytest.raises(ValueError, match="backend"):
         simulate(pack, clips, n_streams=2, streams_per_process=1, seconds=1.0, network_processes=2)
+
+
+def test_a_network_process_that_fails_to_start_is_reported(pack, media):
+    """A spawned network process whose pack cannot be built (here: a CUDA backend on a machine without CUDA) gives
+    an error result, not an exception, and no process is left waiting for the start."""
+    import multiprocessing as mp
+
+    from engine.backends import cuda_unavailable_reason
+    from engine.bench_streams import load_clips, simulate
+
+    if cuda_unavailable_reason() is None:
+        pytest.skip("needs a machine without CUDA (the failure injected is a CUDA backend there)")
+    clips = load_clips(media, ["liveportrait_d0.mp4"], 5, 256)
+    out = simulate(pack, clips, n_streams=2, streams_per_process=1, seconds=1.0, network_processes=2,
+                   backend=("cuda", "cuda"))
+    assert "network process" in out["error"], out
+    assert not mp.active_children()
