@@ -29,7 +29,6 @@ import torch
 
 from engine import prdl
 from engine.cuda_graphs import GraphCache
-from engine.fitting_batched import batched_rodrigues
 from engine.refine import CROP_UNITS, PrdlRefiner, RefineProblem, RefineResult
 
 SPLAT_MIN_CELL = 0.5  # crop units: the splat z-buffer's smallest cell (`PrdlRefiner`), which sizes its key grid
@@ -44,8 +43,8 @@ class TorchRefiner:
         self.device = torch.device(device)
         self.graphs = GraphCache(self.device)  # on CUDA: one graph per (bucket, parts, anchors)
         self._constants: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-        # ``compiled``: torch.compile (inductor) fuses the solve's ~2,300 small operators (a batch of 4 on this
-        # CPU: ~3,700 dispatches, 1,400 of them views) into far fewer kernels before the graph captures them. It
+        # ``compiled``: torch.compile (inductor) fuses the solve's ~2,100 small operators (a batch of 2 on this
+        # CPU: ~3,400 dispatches with views) into far fewer kernels before the graph captures them. It
         # compiles once per batch shape (100 s on a 2-core CPU), so only the benchmark tries it for now.
         self._solve_fn = torch.compile(self._solve, fullgraph=True, dynamic=False) if compiled else self._solve
 
@@ -92,6 +91,7 @@ class TorchRefiner:
             host = self.refiner.constant_arrays(parts)
             host["free"] = (~self.refiner.fixed_exp).astype(np.float64)
             host["channel_weights"] = np.asarray(cfg.channel_weights, np.float32)
+            host["cross"] = CROSS_MATRIX
             self._constants[parts] = {k: torch.as_tensor(v, device=self.device) for k, v in host.items()}
         return self._constants[parts]
 
@@ -110,23 +110,26 @@ class TorchRefiner:
         tvalid, weights = tvalid.reshape(-1), weights.reshape(-1)
         base = (c["neutral"] + (ident @ c["id_flat"]).view(B, C, 3)).to(f32)
         face_base = (c["face_neutral"] + (ident @ c["face_id_flat"]).view(B, -1, 3)).to(f32)
-        cam32, aff32 = cam.to(f32)[:, None], aff.to(f32)[:, None]
+        # camera and crop affine as one map per face: crop = M (f * (x, y) / z + c) + b = (M diag f) (x, y) / z + t
+        M = aff[:, :4].view(B, 2, 2)
+        lin_t = (M * cam[:, None, :2]).transpose(1, 2).to(f32)
+        shift = ((M @ cam[:, 2:4, None])[..., 0] + aff[:, 4:6]).to(f32)[:, None, :]
 
         def project(X, RC_, T_):
             """Model points (B, S, 3) -> crop points (B, S, 2), camera points (B, S, 3), float32."""
             pc = X @ RC_.transpose(1, 2).to(f32) + T_.to(f32)[:, None, :]
-            iz = 1.0 / pc[..., 2]
-            u = cam32[..., 0] * pc[..., 0] * iz + cam32[..., 2]
-            v = cam32[..., 1] * pc[..., 1] * iz + cam32[..., 3]
-            return torch.stack([aff32[..., 0] * u + aff32[..., 1] * v + aff32[..., 4],
-                                aff32[..., 2] * u + aff32[..., 3] * v + aff32[..., 5]], -1), pc
+            return (pc[..., :2] / pc[..., 2:]) @ lin_t + shift, pc
 
         def candidates(E_, RC_, T_):
             return project(base + (E_.to(f32)[:, None, :] @ c["exp_flat"])[:, 0].view(B, C, 3), RC_, T_)
 
+        # prior cost = sum over free shapes of prior (E - P0)^2 + tw (E - Pv)^2, as a quadratic in E (fewer kernels)
+        qa = c["free"] * (cfg.prior + tw)
+        qb = c["free"] * (cfg.prior * P0 + tw * Pv)
+        qc = (c["free"] * (cfg.prior * P0 * P0 + tw * Pv * Pv)).sum(1)
+
         def prior_cost(E_):
-            d, dp = (E_ - P0) * c["free"], (E_ - Pv) * c["free"]
-            return cfg.prior * (d * d).sum(1) + tw[:, 0] * (dp * dp).sum(1)
+            return ((qa * E_ - 2.0 * qb) * E_).sum(1) + qc
 
         def evaluate(E_, RC_, T_, projected=None, gradient=True):
             uvc, pcc = candidates(E_, RC_, T_) if projected is None else projected
@@ -176,7 +179,7 @@ class TorchRefiner:
                 # solve_ex without its error check (a device-to-host read); the damped diagonal keeps h regular
                 delta = -torch.linalg.solve_ex(h, (jtr * actf)[..., None], check_errors=False)[0][..., 0]
                 delta = delta * pending[:, None]  # faces that are not trying a step are evaluated where they are
-                RCn = batched_rodrigues(delta[:, :3]) @ RC
+                RCn = rodrigues(delta[:, :3], c["cross"]) @ RC
                 Tn = T + delta[:, 3:6]
                 En = E.index_copy(1, fi, (E[:, fi] + delta[:, 6:]).clamp(0.0, 1.0))  # E: an accepted face has moved
                 trial = evaluate(En, RCn, Tn, gradient=not last)
@@ -262,6 +265,20 @@ class _State:
         terms = a.terms.where(cond, b.terms) if a.terms is not None and b.terms is not None else None
         return _State(_where_faces(cond, a.pcc, b.pcc), a.sel.where(cond, b.sel), terms,
                       torch.where(cond, a.loss, b.loss))
+
+
+# a vector k times this (3, 9) matrix is k's cross-product matrix [k]x, row-major
+CROSS_MATRIX = np.zeros((3, 9))
+CROSS_MATRIX[2, 1], CROSS_MATRIX[1, 2], CROSS_MATRIX[2, 3] = -1.0, 1.0, 1.0
+CROSS_MATRIX[0, 5], CROSS_MATRIX[1, 6], CROSS_MATRIX[0, 7] = -1.0, -1.0, 1.0
+
+
+def rodrigues(w: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """(B, 3) axis-angle -> (B, 3, 3), as `engine.refine.batched_rodrigues` (``cross``: `CROSS_MATRIX`)."""
+    theta = torch.linalg.vector_norm(w, dim=1)
+    K = ((w / theta.clamp_min(1e-12)[:, None]) @ cross).view(-1, 3, 3)
+    s, c = torch.sin(theta)[:, None, None], torch.cos(theta)[:, None, None]
+    return torch.eye(3, dtype=w.dtype, device=w.device) + s * K + (1.0 - c) * (K @ K)
 
 
 def _where_faces(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
