@@ -43,8 +43,8 @@ class TorchRefiner:
         self.device = torch.device(device)
         self.graphs = GraphCache(self.device)  # on CUDA: one graph per (bucket, parts, anchors)
         self._constants: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-        # ``compiled``: torch.compile (inductor) fuses the solve's ~2,100 small operators (a batch of 2 on this
-        # CPU: ~3,400 dispatches with views) into far fewer kernels before the graph captures them. It
+        # ``compiled``: torch.compile (inductor) fuses the solve's ~2,100 small operators (views not counted) into
+        # far fewer kernels before the graph captures them. It
         # compiles once per batch shape (100 s on a 2-core CPU), so only the benchmark tries it for now.
         self._solve_fn = torch.compile(self._solve, fullgraph=True, dynamic=False) if compiled else self._solve
 
