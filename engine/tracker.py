@@ -36,9 +36,9 @@ class TrackerConfig:
     filter_exp_beta: float = 4.0
     filter: bool = True
     # PRDL refinement against part masks (engine/refine.py). On by default in `facestream track` / `bench`
-    # (engine/cli.py, --no-prdl); off here, so that the batched scheduler, the server and calibration capture,
-    # which build TrackerConfig() themselves, keep their behaviour until they handle PRDL (batched sessions do
-    # not run it yet; calibrated resting values rise with it: docs/BENCHMARKS.md).
+    # (engine/cli.py, --no-prdl); off here, so that the server and calibration capture, which build TrackerConfig()
+    # themselves, keep their behaviour (calibrated resting values rise with it: docs/BENCHMARKS.md). Batched
+    # sessions run it when asked: per face in their own thread on a CPU, in the scheduler's refine stage on a GPU.
     prdl: bool = False
     prdl_mask_size: int = 128  # part-mask crop size, pixels
 
