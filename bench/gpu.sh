@@ -32,7 +32,7 @@ fi
 
 step "GPU backend and batching tests"
 timeout 90 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py \
-  tests/test_regressor.py tests/test_refine_torch.py tests/test_cuda_graphs.py > "$OUT/gpu_tests.txt" 2>  tests/test_regressor.py tests/test_refine_torch.py > "$OUT/gpu_tests.txt" 2>&11
+  tests/test_regressor.py tests/test_refine_torch.py tests/test_cuda_graphs.py > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_tests.txt"
 tail -6 "$OUT/gpu_tests.txt"
 
