@@ -291,7 +291,7 @@ class BatchScheduler:
         if device_stages is None:
             device_stages = getattr(device, "type", None) == "cuda"
         self.stage_device = (device or "cpu") if device_stages else None
-        self.regress = self.refine = self._refiner = None
+        self.regress = self.refine = None
         if device_stages:
             self.regress = StageBatcher(self._regress_batch, max_batch, max_wait_ms, "regress")
             self.refine = StageBatcher(self._refine_batch, max_batch, max_wait_ms, "refine")
@@ -303,12 +303,8 @@ class BatchScheduler:
         return self.device_refiner().refine(problems)
 
     def device_refiner(self):
-        """The refine stage's TorchRefiner (on the stage device)."""
-        if self._refiner is None:  # built on first use
-            from engine.refine_torch import TorchRefiner
-
-            self._refiner = TorchRefiner(self.pack.refiner(), self.stage_device)
-        return self._refiner
+        """The refine stage's TorchRefiner (the pack's, on the stage device)."""
+        return self.pack.device_refiner(self.stage_device)
 
     def warm(self, prdl: bool = True) -> int:
         """Capture the CUDA graphs of every batch bucket now (cuda backend: the networks, the batched fit and, with

@@ -451,7 +451,8 @@ def _sum_streams(r):
     sim = r.get("streams")
     if not sim:
         return []
-    lines = ["simulated 30 fps streams (network process + session processes, see engine/bench_streams.py):",
+    prdl = " with PRDL on every frame" if any(v.get("prdl") for v in sim) else ""
+    lines = [f"simulated 30 fps streams{prdl} (network processes + session processes, see engine/bench_streams.py):",
              "wait ms  net  streams  procs  p50 ms  p95 ms  p99 ms  drop   fps/stream  mean batch  held (p95<=15ms, drops<=1%)"]
     for v in sim:
         wait = f"{v.get('max_wait_ms', ''):>7}  {v.get('network_processes', 1):>3}"
@@ -461,12 +462,14 @@ def _sum_streams(r):
         lines.append(f"{wait}  {v['streams']:>7}  {v['processes']:>5}  {v['latency_ms_p50']:>6}  {v['latency_ms_p95']:>6}"
                      f"  {v['latency_ms_p99']:>6}  {v['drop_rate']:>5}  {v['fps_per_stream']:>10}  "
                      f"{v['landmark_mean_batch']:>10}  {'yes' if v['held'] else 'no'}")
-    lines.append("where the latency goes (p50/p95 ms): landmarks and regress calls (with their queueing), the tracker's run, "
+    lines.append("where the latency goes (p50/p95 ms): landmarks and regress calls (with their queueing), PRDL, the tracker's run, "
                  "the wait before it; latency of frames with / without a detector run")
     for v in sim:
         p = v.get("parts_ms_p50_p95")
         if p:
-            lines.append(f"{v.get('max_wait_ms', ''):>7}  {v.get('network_processes', 1):>3}  {v['streams']:>7}  landmarks {p['landmarks']}  regress {p['regress']}"
+            prdl_part = f"  prdl {p['prdl']}" if v.get("prdl") else ""
+            lines.append(f"{v.get('max_wait_ms', ''):>7}  {v.get('network_processes', 1):>3}  {v['streams']:>7}"
+                         f"  landmarks {p['landmarks']}  regress {p['regress']}{prdl_part}"
                          f"  tracker {p['tracker']}  before {p['before_tracker']}  detect frames {v['detect_frames']:.1%}"
                          f" {v['latency_ms_p50_p95_detect_frames']} / tracked {v['latency_ms_p50_p95_tracked_frames']}")
     return lines + [f"streams held at p95 <= 15 ms: {r.get('streams_held', 0)}", ""]
@@ -483,6 +486,8 @@ def main(argv=None) -> int:
                     help="streams per session process in the simulation (the per-face regressor holds the GIL)")
     ap.add_argument("--network-processes", default="1", help="network processes (each its own pack, scheduler and "
                     "CUDA context) sharing the simulated streams: a comma list runs the simulation once per count")
+    ap.add_argument("--prdl", action="store_true", help="simulated streams refine every frame with PRDL (landmark "
+                    "masks; on a GPU in the scheduler's refine stage)")
     ap.add_argument("--max-wait-ms", default="2", help="the scheduler's collection window(s), ms: a comma list runs "
                                                        "the stream simulation once per window")
     ap.add_argument("--stream-seconds", type=float, default=None)
@@ -597,7 +602,7 @@ def main(argv=None) -> int:
                 print(f"bench_gpu: {n} streams, collection window {wait:g} ms, {net} network process(es) ...", flush=True)
                 rows.append({"max_wait_ms": wait,
                              **simulate(dev_pack, clips, n, args.streams_per_process, seconds, wait,
-                                        network_processes=net, backend=(device, backend_name))})
+                                        network_processes=net, backend=(device, backend_name), prdl=args.prdl)})
                 print("   ", rows[-1], flush=True)
                 result["streams"] = rows
                 save()

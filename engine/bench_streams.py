@@ -93,21 +93,37 @@ class _RemoteLandmarker:
 
 
 class _Stream:
-    def __init__(self, remote, regressor, model, remote_regress: bool):
+    def __init__(self, remote, regressor, model, device_stages: bool, refiner=None):
+        """``refiner``: a PrdlRefiner when the streams run PRDL (landmark masks, the tracker's PRDL path)."""
+        from engine.batching import StageRefiner, StageRegressor
         from engine.tracker import Tracker, TrackerConfig
 
         self.remote = remote
         self.handle = None
         self.deadline = None
         reg = regressor
-        if remote_regress:  # tracked faces are regressed in the network process's batched stage
-            from engine.batching import StageRegressor
-
+        if device_stages:  # tracked faces are fitted, and refined, in the network process's batched stages
             reg = StageRegressor(regressor, lambda item: self.remote.call("regress", item, self.deadline))
-        self.tracker = Tracker(_RemoteDetector(self), _RemoteLandmarker(self), reg, model, TrackerConfig(prdl=False))
+            if refiner is not None:
+                refiner = StageRefiner(refiner, lambda problem: self.remote.call("refine", _sendable(problem),
+                                                                                 self.deadline))
+        segmenter = None
+        if refiner is not None:
+            from engine.segmentation import LandmarkSegmenter
+
+            segmenter = LandmarkSegmenter()
+        self.tracker = Tracker(_RemoteDetector(self), _RemoteLandmarker(self), reg, model,
+                               TrackerConfig(prdl=refiner is not None), segmenter=segmenter, refiner=refiner)
 
 
-def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, remote_regress):
+def _sendable(problem):
+    """A RefineProblem to pickle: its targets keep where the mask crop lies, not the masks (~130 KB a frame)."""
+    from dataclasses import replace
+
+    return replace(problem, targets=replace(problem.targets, masks=problem.targets.masks.frame()))
+
+
+def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, device_stages, prdl):
     try:
         import torch
 
@@ -121,10 +137,15 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, 
         model = FaceModel.load()
         regressor = Regressor(model)
         remote = _Remote(conn)
-        lat, parts, dropped = [], [], [0]  # parts: (detector ran, landmarks ms, regress ms, tracker total ms)
+        lat, parts, dropped = [], [], [0]  # parts: (detector ran, landmarks, regress, PRDL, tracker total ms)
         lock = threading.Lock()
         # warm-up: one short track per stream before the clock starts
-        streams = {sid: _Stream(remote, regressor, model, remote_regress) for sid in stream_ids}
+        refiner = None
+        if prdl:
+            from engine.refine import PrdlRefiner
+
+            refiner = PrdlRefiner(model, fixed_exp=regressor.fitter.fixed_exp)
+        streams = {sid: _Stream(remote, regressor, model, device_stages, refiner) for sid in stream_ids}
         for sid, st in streams.items():
             c = sid % len(clips)
             for i in range(3):
@@ -164,7 +185,7 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, 
                     with lock:
                         lat.append(1e3 * (time.perf_counter() - arrival))
                         parts.append(("detect" in t, t.get("landmarks", 0.0), t.get("regress", 0.0),
-                                      t.get("total", 0.0)))
+                                      t.get("segment", 0.0) + t.get("prdl", 0.0), t.get("total", 0.0)))
                 except DeadlineExceeded:
                     with lock:
                         dropped[0] += 1
@@ -241,6 +262,8 @@ def _serve(conn, scheduler, store, stop):
             fut = scheduler.detect.submit(store.rgb(payload), deadline)
         elif kind == "regress":
             fut = scheduler.regress.submit(payload, deadline)
+        elif kind == "refine":
+            fut = scheduler.refine.submit(payload, deadline)
         else:
             handle, r = payload
             fut = scheduler.landmarks.submit((store.tensor(handle), Roi(*r)), deadline)
@@ -252,14 +275,14 @@ class _NetworkNode:
     and the session processes it serves over pipes."""
 
     def __init__(self, pack, clip_meta, stream_ids: list[int], streams_per_process: int, seconds: float,
-                 max_wait_ms: float, device_stages: bool | None, start, ctx):
+                 max_wait_ms: float, device_stages: bool | None, prdl: bool, start, ctx):
         from engine.batching import BatchScheduler
 
         self.shms = [shared_memory.SharedMemory(name=name) for name, _ in clip_meta]
         clips = [np.ndarray(shape, np.uint8, buffer=s.buf) for s, (_, shape) in zip(self.shms, clip_meta)]
         self.seconds = seconds
         self.scheduler = BatchScheduler(pack, max_wait_ms=max_wait_ms, device_stages=device_stages)
-        self.scheduler.warm(prdl=False)  # the simulated trackers run without PRDL
+        self.scheduler.warm(prdl=prdl)
         store = _FrameStore(pack.landmarker, clips)
         self.results = ctx.Queue()
         self.stop = threading.Event()
@@ -268,7 +291,7 @@ class _NetworkNode:
         for ids in self.groups:
             ours, theirs = ctx.Pipe()
             p = ctx.Process(target=_session_process, args=(theirs, ids, clip_meta, start, seconds, self.results,
-                                                           self.scheduler.regress is not None), daemon=True)
+                                                           self.scheduler.regress is not None, prdl), daemon=True)
             p.start()
             threading.Thread(target=_serve, args=(ours, self.scheduler, store, self.stop), daemon=True).start()
             self.procs.append(p)
@@ -317,7 +340,7 @@ class _NetworkNode:
             s.close()
 
 
-def _network_process(backend, clip_meta, stream_ids, streams_per_process, seconds, max_wait_ms, device_stages,
+def _network_process(backend, clip_meta, stream_ids, streams_per_process, seconds, max_wait_ms, device_stages, prdl,
                      start, start_timeout, report, torch_threads: int):
     """A spawned network process: its own pack on ``backend`` ((device, backend name), its own CUDA context) serving
     a share of the streams; reports ("ready", None), then ("done", `_NetworkNode.collect`), or ("error", why)."""
@@ -330,7 +353,7 @@ def _network_process(backend, clip_meta, stream_ids, streams_per_process, second
         from engine.pack import Pack
 
         node = _NetworkNode(Pack(make_backend(*backend)), clip_meta, stream_ids, streams_per_process, seconds,
-                            max_wait_ms, device_stages, start, mp.get_context("spawn"))
+                            max_wait_ms, device_stages, prdl, start, mp.get_context("spawn"))
         error = node.wait_ready(start_timeout)
         report.put(("error", error) if error else ("ready", None))
         if error is None:
@@ -359,12 +382,14 @@ def _report(report, procs, timeout: float):
 
 def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process: int, seconds: float,
              max_wait_ms: float = 2.0, start_timeout: float = 120.0, device_stages: bool | None = None,
-             network_processes: int = 1, backend: tuple[str, str] | None = None) -> dict:
+             network_processes: int = 1, backend: tuple[str, str] | None = None, prdl: bool = False) -> dict:
     """Run `n_streams` simulated 30 fps streams for `seconds`; `pack` is this (network) process's pack.
     ``device_stages``: the scheduler's choice (None: on a CUDA device) of batched fit and refine stages.
     ``network_processes`` > 1: the streams are shared among that many network processes -- this one and spawned
     ones, each with its own pack on ``backend`` ((device, backend name)), scheduler and CUDA context -- so that
-    no one process's CPU work (frame uploads, pipes, stage threads under one GIL) bounds the streams."""
+    no one process's CPU work (frame uploads, pipes, stage threads under one GIL) bounds the streams.
+    ``prdl``: the trackers refine every frame with PRDL (landmark masks): segmentation and target descriptors in the
+    session processes, the refinement in the network process's refine stage (device stages) or per face there."""
     # a session process is one core's worth of work: without this, each would start a BLAS pool as wide as
     # the machine, and those pools fight over the cores (latency spikes in the per-face regressor)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -389,11 +414,12 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
 
         for share in shares[1:]:  # not daemonic: a network process starts session processes of its own
             p = ctx.Process(target=_network_process, args=(backend, meta, share, streams_per_process, seconds,
-                                                           max_wait_ms, device_stages, start, start_timeout, report,
-                                                           torch.get_num_threads()))
+                                                           max_wait_ms, device_stages, prdl, start, start_timeout,
+                                                           report, torch.get_num_threads()))
             p.start()
             spawned.append(p)
-        node = _NetworkNode(pack, meta, shares[0], streams_per_process, seconds, max_wait_ms, device_stages, start, ctx)
+        node = _NetworkNode(pack, meta, shares[0], streams_per_process, seconds, max_wait_ms, device_stages, prdl,
+                            start, ctx)
         errors = [node.wait_ready(start_timeout)]
         errors += [_report(report, spawned, start_timeout + 120.0)[1] for _ in spawned]  # their packs load first
         startup = time.perf_counter() - t_spawn
@@ -426,7 +452,7 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
     dropped = sum(r["dropped"] for r in runs)
     items, batches = sum(r["landmark_items"] for r in runs), sum(r["landmark_batches"] for r in runs)
     run_ms = [r["landmark_run_ms"] for r in runs if r["landmark_run_ms"] is not None]
-    out = {"streams": n_streams, "processes": n_procs, "network_processes": n_net, "frames": int(lat.size),
+    out = {"streams": n_streams, "processes": n_procs, "network_processes": n_net, "prdl": prdl, "frames": int(lat.size),
            "dropped": dropped, "drop_rate": round(dropped / max(lat.size + dropped, 1), 4),
            "fps_per_stream": round(lat.size / n_streams / seconds, 2),
            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
@@ -447,17 +473,17 @@ def simulate(pack, clips: list[np.ndarray], n_streams: int, streams_per_process:
 
 def _latency_parts(lat: np.ndarray, parts: list) -> dict:
     """Where a frame's latency goes (p50 / p95 ms): the tracker's landmark and regression calls (each including
-    its queueing in the network process), the tracker's whole run, the wait before it (the stream's previous
+    its queueing in the network process), PRDL (segmentation, targets and refinement), the tracker's whole run, the wait before it (the stream's previous
     frame still running), and the latency of frames with and without a detector run."""
     if not lat.size:
         return {}
-    det, lm, reg, total = (np.asarray(a, float) for a in zip(*parts))
+    det, lm, reg, prdl, total = (np.asarray(a, float) for a in zip(*parts))
     det = det.astype(bool)
 
     def pct(a):
         return [round(float(np.percentile(a, 50)), 2), round(float(np.percentile(a, 95)), 2)] if a.size else None
 
-    return {"parts_ms_p50_p95": {"landmarks": pct(lm), "regress": pct(reg), "tracker": pct(total),
+    return {"parts_ms_p50_p95": {"landmarks": pct(lm), "regress": pct(reg), "prdl": pct(prdl), "tracker": pct(total),
                                  "before_tracker": pct(lat - total)},
             "detect_frames": round(float(det.mean()), 4),
             "latency_ms_p50_p95_detect_frames": pct(lat[det]),

@@ -25,6 +25,7 @@ class Pack:
         self.landmark_model = landmark_model
         self._segmenters: dict = {}
         self._refiner = None
+        self._device_refiners: dict = {}
 
     def tracker(self, config: TrackerConfig | None = None, camera=None, masks: str = "landmarks",
                 profile=None) -> Tracker:
@@ -52,6 +53,20 @@ class Pack:
         if self._refiner is None:
             self._refiner = PrdlRefiner(self.model, fixed_exp=self.regressor.fitter.fixed_exp)
         return self._refiner
+
+    def device_refiner(self, device):
+        """That refiner's batched solve on a torch device (`engine.refine_torch`), one per device, so that its CUDA
+        graphs are captured once whatever schedulers come and go."""
+        import torch
+
+        from engine.refine_torch import TorchRefiner
+
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one GPU, one set of graphs
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._device_refiners:
+            self._device_refiners[device] = TorchRefiner(self.refiner(), device)
+        return self._device_refiners[device]
 
     def describe(self) -> dict:
         return {"pack": PACK_NAME, "backend": self.backend.describe(), "landmarks": self.landmark_model}

@@ -57,15 +57,20 @@ LANDMARK_MASK_PART_WEIGHTS = (0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0)
 MIN_CELL = 1.0  # crop units; about the mesh's vertex spacing at a typical crop
 
 
-class PartMasks(Protocol):
-    """What refinement needs of a segmentation result (engine.segmentation.PartMasks has it)."""
+class CropGeometry(Protocol):
+    """Where a frame's part-mask crop lies (engine.segmentation.PartMasks and CropFrame have it): the solve maps
+    image pixels to crop units with it."""
 
     @property
     def size(self) -> int: ...
 
-    def label_map(self) -> np.ndarray: ...
-
     def to_crop(self, xy_image) -> np.ndarray: ...
+
+
+class PartMasks(CropGeometry, Protocol):
+    """What target descriptors need of a segmentation result (engine.segmentation.PartMasks has it)."""
+
+    def label_map(self) -> np.ndarray: ...
 
 
 @dataclass
@@ -106,7 +111,7 @@ class Targets:
     valid: np.ndarray  # (8,) bool
     cells: np.ndarray  # (8,) thinning grid cell per part, crop units
     anchors: np.ndarray  # (8, A, 2) per-part grids or (A, 2) one grid, crop units
-    masks: PartMasks
+    masks: CropGeometry  # the PartMasks, or just where their crop lies (`engine.segmentation.CropFrame`)
 
 
 def face_boundary_loops(faces: np.ndarray, n_vertices: int) -> list[np.ndarray]:
@@ -362,7 +367,7 @@ class PrdlRefiner:
         return Targets(desc.astype(np.float32), mask.any(1), cells, anchors, masks)
 
     # ------------------------------------------------------------------ geometry
-    def _crop_affine(self, masks: PartMasks) -> tuple[np.ndarray, np.ndarray]:
+    def _crop_affine(self, masks: CropGeometry) -> tuple[np.ndarray, np.ndarray]:
         """Image pixels -> crop units as x' = M x + b."""
         o = masks.to_crop(np.zeros((1, 2)))[0]
         m = np.stack([masks.to_crop(np.array([[1.0, 0.0]]))[0] - o,

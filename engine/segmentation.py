@@ -108,10 +108,25 @@ class PartMasks:
         """Image pixels (N, 2) -> crop points (N, 2); inverse of `to_image`."""
         return image_to_crop(np.asarray(xy_image, np.float64), self.crop, self.size)
 
+    def frame(self) -> "CropFrame":
+        """Where this crop lies, without the masks."""
+        return CropFrame(self.crop, self.size)
+
     def points(self, name: str, image: bool = True) -> np.ndarray:
         """(N, 2) coordinates of the pixels of part `name`: image pixels, or crop points."""
         xy = np.argwhere(self.part(name))[:, ::-1].astype(np.float64)
         return self.to_image(xy) if image else xy
+
+
+@dataclass
+class CropFrame:
+    """Where a part-mask crop lies in the image, without its masks: all that refinement needs of `PartMasks` once
+    the target descriptors are computed (its size and `to_crop`), small enough to send to another process."""
+    crop: Roi
+    size: int
+
+    def to_crop(self, xy_image) -> np.ndarray:
+        return image_to_crop(np.asarray(xy_image, np.float64), self.crop, self.size)
 
 
 def crop_to_image(xy: np.ndarray, roi: Roi, size: int) -> np.ndarray:

@@ -91,3 +91,16 @@ def test_a_network_process_that_fails_to_start_is_reported(pack, media):
                    backend=("cuda", "cuda"))
     assert "network process" in out["error"], out
     assert not mp.active_children()
+
+
+def test_stream_simulation_with_prdl_in_the_refine_stage(pack, media):
+    """PRDL on every frame with the device stages (here on the CPU): segmentation and targets in the session
+    process, the refinement sent (without its masks) to the network process's refine stage."""
+    from engine.bench_streams import load_clips, simulate
+
+    clips = load_clips(media, ["liveportrait_d3.mp4"], 10, 256)
+    out = simulate(pack, clips, n_streams=1, streams_per_process=1, seconds=1.0, max_wait_ms=0.0,
+                   device_stages=True, prdl=True)
+    assert "error" not in out, out
+    assert out["prdl"] and out["frames"] > 0
+    assert out["parts_ms_p50_p95"]["prdl"][0] > 0
