@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 
 from engine import prdl
-from engine.cuda_graphs import GraphCache
+from engine.cuda_graphs import GraphCache, bucket_for
 from engine.refine import CROP_UNITS, PrdlRefiner, RefineProblem, RefineResult
 
 SPLAT_MIN_CELL = 0.5  # crop units: the splat z-buffer's smallest cell (`PrdlRefiner`), which sizes its key grid
@@ -44,15 +45,24 @@ class TorchRefiner:
         self.graphs = GraphCache(self.device)  # on CUDA: one graph per (bucket, parts, anchors)
         self._constants: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         # ``compiled``: torch.compile (inductor) fuses the solve's ~2,100 small operators (views not counted) into
-        # far fewer kernels before the graph captures them. It
-        # compiles once per batch shape (100 s on a 2-core CPU), so only the benchmark tries it for now.
-        self._solve_fn = torch.compile(self._solve, fullgraph=True, dynamic=False) if compiled else self._solve
+        # far fewer kernels before the graph captures them. Compiled with a symbolic batch size, it compiles three
+        # times per part set (inductor's sort lowering splits at 32,767 keys: batches 1-3, 4, 5+), 90-145 s each on
+        # this 2-core CPU, so only the benchmark tries it for now.
+        self._compiled = torch.compile(self._solve, fullgraph=True, dynamic=True) if compiled else None
+
+    def _solve_fn(self, *args):
+        if self._compiled is None:
+            return self._solve(*args)
+        # no duck sizing: a batch the size of a fixed dimension (4 = camera parameters) must not specialise
+        with fx_config.patch(use_duck_shape=False):
+            return self._compiled(*args)
 
     def refine(self, problems: list[RefineProblem]) -> list[RefineResult]:
         if not problems:
             return []
         inp = self.refiner.batch_inputs(problems)
         c = self._constants_for(inp.parts)
+        check_key_bits(max(len(problems), bucket_for(len(problems)) or 0), len(inp.parts), int(c["cand_part"].shape[0]))
         host = [inp.aff, inp.cam, inp.expression, inp.prior, inp.prev, inp.temporal, inp.rotation_cam,
                 inp.translation, inp.identity, inp.anchors, inp.target_desc, inp.target_valid, inp.cells,
                 inp.part_weights]
@@ -320,6 +330,12 @@ def splat_visibility(occ_uv, occ_z, uv, z, cell, size: float, tol):
     return ok & (z <= zb[k] + tol)
 
 
+def check_key_bits(batch: int, q: int, C: int) -> None:
+    """`select_cells` packs (face, part) | cell y | cell x | distance | candidate into one int64 sort key."""
+    if ((batch * q + 1) << (30 + max(C - 1, 1).bit_length())).bit_length() > 63:
+        raise ValueError(f"select_cells: a batch of {batch} faces x {C} candidates overflows the 64-bit sort keys")
+
+
 def select_cells(uv, visible, cand_part, cells, q: int, pm: int) -> Cells:
     """`engine.refine.select_cells` without host reads (the same keys, sort, ranking and slots)."""
     B, C, _ = uv.shape
@@ -334,9 +350,7 @@ def select_cells(uv, visible, cand_part, cells, q: int, pm: int) -> Cells:
     gy = torch.where(ok, gy + H_CELLS, 0).long() & 1023
     fp = torch.arange(B, device=dev)[:, None] * q + cand_part[None, :]  # flat (face, part)
     cbits = max(C - 1, 1).bit_length()
-    big = B * q
-    if ((big + 1) << (30 + cbits)).bit_length() > 63:
-        raise ValueError(f"select_cells: a batch of {B} faces x {C} candidates overflows the 64-bit sort keys")
+    big = B * q  # (`check_key_bits`: the caller checks that the keys fit, outside the traced solve)
     cell = (torch.where(ok, fp, big) << 20) | (gy << 10) | gx
     skey = torch.sort(((((cell << 10) | dq) << cbits) | torch.arange(C, device=dev)[None, :]).reshape(-1)).values
     N, S = skey.shape[0], B * q * pm
