@@ -59,7 +59,7 @@ tail -15 "$OUT/refine_batch.txt"
 profile_step() {
   step "$1"
   if python -c "$4" > /dev/null 2>&1; then
-    timeout "$3" python "$5" 64 > "$OUT/$2" 2>&1
+    timeout "$3" python -u "$5" 64 > "$OUT/$2" 2>&1
     echo "profile rc=$?" >> "$OUT/$2"
     tail -14 "$OUT/$2"
   else
