@@ -14,7 +14,7 @@ import torch
 from engine.networks.face_landmarks import load_attention_mesh, load_face_landmarks
 from engine.networks.iris import load_iris
 from engine.networks.preprocess import (LANDMARK_SIZE, Roi, as_image_tensor, crop_eyes, crop_faces, crop_roi,
-                                        project_eye_landmarks, project_landmarks)
+                                        project_eye_landmarks, project_landmarks, project_landmarks_batch)
 
 LANDMARK_MODELS = ("attention", "mesh468")
 
@@ -62,13 +62,11 @@ class Landmarker:
         points = torch.cat(points).float().cpu()
         logits = torch.cat(logits).float().cpu().clamp(-100.0, 100.0)
         scores = torch.sigmoid(logits.double()).tolist()
-        out = []
-        for i, (image, roi) in enumerate(items):
-            pts = project_landmarks(points[i], roi, LANDMARK_SIZE)
-            if self.model == "mesh468":
-                pts = self._add_irises(image, pts)
-            out.append((pts.numpy().astype(np.float64), float(scores[i])))
-        return out
+        if self.model == "mesh468":  # the iris network runs per face on its eye crops
+            return [(self._add_irises(image, project_landmarks(points[i], roi, LANDMARK_SIZE)).numpy()
+                     .astype(np.float64), float(scores[i])) for i, (image, roi) in enumerate(items)]
+        pts = project_landmarks_batch(points, [roi for _, roi in items], LANDMARK_SIZE).numpy().astype(np.float64)
+        return [(pts[i], float(scores[i])) for i in range(len(items))]
 
     def _add_irises(self, image: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
         """Iris network on both eyes; iris centres + rings appended as points 468-477 (subject's right

@@ -288,6 +288,16 @@ def project_landmarks(points: torch.Tensor, roi: Roi, size: float) -> torch.Tens
     return torch.stack(cols, dim=-1)
 
 
+def project_landmarks_batch(points: torch.Tensor, rois: list[Roi], size: float) -> torch.Tensor:
+    """`project_landmarks` for a batch: points [B, N, 3] with one roi each -> image pixels [B, N, 3]."""
+    p = torch.tensor([[r.cx, r.cy, r.w, r.h, math.cos(r.theta), math.sin(r.theta)] for r in rois],
+                     dtype=points.dtype)[:, :, None]  # [B, 6, 1]
+    cx, cy, w, h, c, s = p.unbind(1)
+    xn = points[..., 0] / size - 0.5
+    yn = points[..., 1] / size - 0.5
+    return torch.stack([cx + (c * xn - s * yn) * w, cy + (s * xn + c * yn) * h, points[..., 2] / size * w], dim=-1)
+
+
 # ---------------------------------------------------------------- iris (eye crops)
 
 # Eye corner pairs (first -> second) of the face mesh (section 6.4): the image-left eye (33 -> 133)
