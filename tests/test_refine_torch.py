@@ -112,3 +112,19 @@ def test_cuda_graph_refinement_matches_numpy(batch_refiner, batch_problems):  # 
     _agrees(ref[:3], tr.refine(batch_problems[:3]))  # the bucket of 4, padded
     tr.graphs.enabled = False
     _agrees(ref, tr.refine(batch_problems))  # eager on the GPU
+
+
+def test_warm_captures_every_bucket_for_both_part_sets(batch_refiner):  # pragma: no cover - needs a GPU
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: no CUDA device is visible (torch.cuda.is_available() is False)")
+    from engine.refine_torch import TorchRefiner
+
+    tr = TorchRefiner(batch_refiner, "cuda")
+    assert tr.warm(8) == 2 * 4  # buckets 1, 2, 4, 8 x (all parts, the landmark masks' parts)
+    assert not tr.graphs.errors, tr.graphs.errors
+
+
+def test_warm_is_a_no_op_off_cuda(batch_refiner):
+    from engine.refine_torch import TorchRefiner
+
+    assert TorchRefiner(batch_refiner, "cpu").warm(8) == 0
