@@ -294,7 +294,7 @@ def rodrigues(w: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
 def _where_faces(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a`` where ``cond`` (B,) else ``b``, for face-major arrays whose leading dim is B times anything."""
     k = a.shape[0] // cond.shape[0]
-    m = cond.repeat_interleave(k) if k > 1 else cond
+    m = cond[:, None].expand(-1, k).reshape(-1)  # (a plain expand: no output size to compute on the device)
     return torch.where(m.view((-1,) + (1,) * (a.dim() - 1)), a, b)
 
 
