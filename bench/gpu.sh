@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU engines benchmark for a lent NVIDIA machine (no network, no package registry; torch CUDA 13, cupy,
-# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (90+60+170+45+40+60 s).
+# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (110+60+150+45+40+60 s).
 #   bash bench/gpu.sh            # on the GPU machine
 #   bash bench/gpu.sh --device cpu --streams 1,2   # the same steps on a CPU machine (checks the script)
 # Needs FACESTREAM_ASSETS (shared assets: ICT model, MediaPipe geometry, media) and the MediaPipe .tflite
@@ -31,7 +31,7 @@ if ! python -m engine.cli assets check > /dev/null 2>&1; then
 fi
 
 step "GPU backend and batching tests"
-timeout 90 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py \
+timeout 110 python -m pytest -q -rs tests/test_backends.py tests/test_batching.py tests/test_bench_gpu.py \
   tests/test_regressor.py tests/test_refine_torch.py tests/test_cuda_graphs.py > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/gpu_tests.txt"
 tail -6 "$OUT/gpu_tests.txt"
@@ -47,7 +47,7 @@ step "engine benchmark (python -m engine.bench_gpu)"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 # one network process (one GIL for every frame upload, pipe and stage thread: CPU-bound at 32 streams on the H200)
 # and four, each with its own pack, scheduler and CUDA context; a 2 ms collection window
-timeout 170 python -m engine.bench_gpu --out "$OUT" --max-wait-ms 2 --network-processes 1,4 --budget-s 155 "$@" > "$OUT/bench_gpu.log" 2>&1
+timeout 150 python -m engine.bench_gpu --out "$OUT" --max-wait-ms 2 --network-processes 1,4 --budget-s 135 "$@" > "$OUT/bench_gpu.log" 2>&1
 echo "bench_gpu rc=$?" | tee -a "$OUT/bench_gpu.log"
 cat "$OUT/bench_gpu.txt" 2>/dev/null || tail -30 "$OUT/bench_gpu.log"
 

@@ -2,6 +2,8 @@
 ICT-FaceKit face model, assembled into a tracker on one backend."""
 from __future__ import annotations
 
+import threading
+
 from engine.backends import select_backend
 from engine.detection import FaceDetector
 from engine.face_model import FaceModel
@@ -26,6 +28,7 @@ class Pack:
         self._segmenters: dict = {}
         self._refiner = None
         self._device_refiners: dict = {}
+        self._lock = threading.Lock()
 
     def tracker(self, config: TrackerConfig | None = None, camera=None, masks: str = "landmarks",
                 profile=None) -> Tracker:
@@ -64,9 +67,10 @@ class Pack:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one GPU, one set of graphs
             device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self._device_refiners:
-            self._device_refiners[device] = TorchRefiner(self.refiner(), device)
-        return self._device_refiners[device]
+        with self._lock:  # schedulers on several threads may ask at once
+            if device not in self._device_refiners:
+                self._device_refiners[device] = TorchRefiner(self.refiner(), device)
+            return self._device_refiners[device]
 
     def describe(self) -> dict:
         return {"pack": PACK_NAME, "backend": self.backend.describe(), "landmarks": self.landmark_model}

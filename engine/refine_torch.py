@@ -22,6 +22,7 @@ Answers agree with NumPy's to float32 rounding (tests: `tests/test_refine_torch.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,7 @@ class TorchRefiner:
         self.device = torch.device(device)
         self.graphs = GraphCache(self.device)  # on CUDA: one graph per (bucket, parts, anchors)
         self._constants: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
         # ``compiled``: torch.compile (inductor) fuses the solve's ~2,100 small operators (views not counted) into
         # far fewer kernels before the graph captures them. Compiled with a symbolic batch size, it compiles three
         # times per part set (inductor's sort lowering splits at 32,767 keys: batches 1-3, 4, 5+), 90-145 s each on
@@ -94,8 +96,12 @@ class TorchRefiner:
         return len(self.graphs.graphs)
 
     def _constants_for(self, parts: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        with self._lock:  # refine stages of several schedulers may share this refiner
+            return self._constants_locked(parts)
+
+    def _constants_locked(self, parts: tuple[int, ...]) -> dict[str, torch.Tensor]:
         if parts not in self._constants:
-            if len(self._constants) >= 8:  # a handful of part sets in use at once
+            if len(self._constants) >= 8:  # a handful of part sets in use at once (graphs keep theirs alive)
                 self._constants.clear()
             cfg = self.refiner.config
             host = self.refiner.constant_arrays(parts)

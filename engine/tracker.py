@@ -120,14 +120,15 @@ class Tracker:
         camera = self.camera_for(w, h)
         fit_identity = not self.identity_locked and self._near_frontal()
         reg = self.regressor.regress(points, camera, self.identity, self.previous, fit_identity=fit_identity)
-        self.frames_since_detect += 1  # after the regression: a batched one can drop the frame (deadline)
         fit = reg.fit
-        if fit_identity:
-            self.identity_samples += 1
-            self.identity += (fit.identity - self.identity) / self.identity_samples  # running mean
         timings["regress"] = (time.perf_counter() - t0) * 1e3
         if self.config.prdl and self.refiner is not None:
             fit = self._refine(rgb, points, camera, fit, state)
+        # the track's state changes only now: a batched regression or refinement can drop the frame (deadline)
+        self.frames_since_detect += 1
+        if fit_identity:
+            self.identity_samples += 1
+            self.identity += (reg.fit.identity - self.identity) / self.identity_samples  # running mean
         self.previous = fit
 
         t0 = time.perf_counter()
