@@ -23,6 +23,14 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _LINALG_PREFERENCE_LOCK = threading.Lock()
 
 
+def canonical_device(device) -> torch.device:
+    """One name per device: "cuda" and "cuda:0" are the same GPU, so they share one solver and one set of graphs."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def bucket_for(batch: int) -> int | None:
     """The smallest bucket holding ``batch`` faces, or None above the largest."""
     return next((b for b in BUCKETS if b >= batch), None)

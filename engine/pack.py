@@ -60,13 +60,10 @@ class Pack:
     def device_refiner(self, device):
         """That refiner's batched solve on a torch device (`engine.refine_torch`), one per device, so that its CUDA
         graphs are captured once whatever schedulers come and go."""
-        import torch
-
+        from engine.cuda_graphs import canonical_device
         from engine.refine_torch import TorchRefiner
 
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one GPU, one set of graphs
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = canonical_device(device)
         with self._lock:  # schedulers on several threads may ask at once
             if device not in self._device_refiners:
                 self._device_refiners[device] = TorchRefiner(self.refiner(), device)

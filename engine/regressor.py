@@ -210,8 +210,7 @@ class Regressor:
 
 
 def _device_key(device) -> str:
-    """One name per device ("cuda" and "cuda:0" are the same GPU: one batched fitter and one set of graphs)."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return str(dev)
+    """One key per device (`engine.cuda_graphs.canonical_device`): one batched fitter and one set of graphs."""
+    from engine.cuda_graphs import canonical_device
+
+    return str(canonical_device(device))
