@@ -529,10 +529,13 @@ class PrdlRefiner:
             out[..., 1] = aff32[..., 2] * u + aff32[..., 3] * v + aff32[..., 5]
             return out, pc
 
+        vis_c = None  # NumPy, once visibility is known: (B, Cv) the candidates the evaluations work on
+
         def candidates(E_, RC_, T_):
-            """Crop points (B, C, 2) and camera points (B, C, 3) of all candidates."""
+            """Crop points (B, C, 2) and camera points (B, C, 3) of the candidates (all of them, or ``vis_c``)."""
             # one (1, n_exp) product per face: the same rounding in any batch; f32: ~1e-5 cm
-            return project(base + (E_.astype(xp.float32)[:, None, :] @ exp_flat)[:, 0].reshape(base.shape), RC_, T_)
+            X = base + (E_.astype(xp.float32)[:, None, :] @ exp_flat)[:, 0].reshape(base.shape)
+            return project(X if vis_c is None else X.reshape(-1, 3).take(vis_c, 0).reshape(B, -1, 3), RC_, T_)
 
         def prior_cost(E_):
             d = (E_ - P0) * free
@@ -544,7 +547,7 @@ class PrdlRefiner:
             grouping (re-selected at every state: cells follow the moving points), the predicted points and the
             PRDL loss with (``gradient``) its residuals' point Jacobian terms."""
             uvc_, pcc_ = candidates(E_, RC_, T_) if projected is None else projected
-            sel_ = select_cells(xp, uvc_, visible, cand_part, cells, q, pm)
+            sel_ = select_cells(xp, uvc_, visible, eval_part, cells, q, pm)
             # slots fill from 0 in every part: the first pe_ suffice (NumPy; elsewhere finding pe_ would be a
             # device synchronisation per evaluation, and the GPU does not mind the empty slots)
             pe_ = max(int(sel_.mask.sum(1).max()), 1) if xp is np else pm
@@ -569,6 +572,14 @@ class PrdlRefiner:
         px_per_cm = xp.sqrt(aff[:, 0] ** 2 + aff[:, 2] ** 2) * cam[:, 0] / xp.maximum(T[:, 2], 1e-3)
         splat = xp.maximum(0.3 * px_per_cm, 0.5)  # about the mesh's vertex spacing
         visible = splat_visibility(xp, face_uv, face_pc[..., 2], uvc, pcc[..., 2], splat, CROP_UNITS, dev["vis_tol"])
+        eval_part = cand_part[None]
+        if xp is np:  # the evaluations keep only the visible candidates (about 2/3), in order, padded to the most
+            keep = np.argsort(~visible, axis=1, kind="stable")[:, :max(int(visible.sum(1).max()), 1)]
+            vis_c = (np.arange(B)[:, None] * C + keep).reshape(-1)  # flat b*C + c
+            uvc, pcc = (a.reshape(B * C, -1).take(vis_c, 0).reshape(B, len(vis_c) // B, -1) for a in (uvc, pcc))
+            visible = visible.reshape(-1).take(vis_c).reshape(B, -1)
+            eval_part = cand_part.take(keep)
+        cand_of = (lambda r: vis_c[r] % C) if vis_c is not None else (lambda r: r % C)  # slot rep -> candidate
         st = evaluate(E, RC, T, (uvc, pcc))
         loss_before = st.loss
         lam = xp.full(B, cfg.damping)
@@ -579,7 +590,7 @@ class PrdlRefiner:
             pe = st.pe
             # Jacobian of each cell's mean from its representative (the member nearest the cell centre)
             rep = st.sel.rep.reshape(B * q, pm)[:, :pe].reshape(-1)
-            sbasis = basis_c[rep % C].reshape(B, q * pe, 3, nf)
+            sbasis = basis_c[cand_of(rep)].reshape(B, q * pe, 3, nf)
             pc_rep = st.pcc.reshape(-1, 3)[rep].reshape(B, q * pe, 3)
             jtr = slot_gradient(xp, st.terms.grad.reshape(B, q * pe, 2), pc_rep, T, RC, sbasis, cam, aff)
             if it == 1:  # later iterations keep this Gauss-Newton matrix and take a fresh gradient
@@ -600,6 +611,7 @@ class PrdlRefiner:
             hh = jtj * actf[:, :, None] * actf[:, None, :]
             hdiag = xp.diagonal(hh, axis1=1, axis2=2)
             pending = alive.copy()
+            moved = xp.zeros(B, bool)
             for _ in range(cfg.lm_trials):  # Levenberg-Marquardt: shrink the step until the objective drops
                 h = hh + eye * (lam[:, None] * (hdiag + 1e-6) + (1.0 - actf))[:, None, :]
                 delta = -xp.linalg.solve(h, (jtr * actf)[..., None])[..., 0]
@@ -614,11 +626,16 @@ class PrdlRefiner:
                 T = xp.where(ok[:, None], Tn, T)
                 E = xp.where(ok[:, None], En, E)
                 lam = xp.where(ok, xp.maximum(lam * 0.3, 1e-4), xp.where(pending, lam * 10.0, lam))
+                moved |= ok
                 pending = pending & ~ok
                 if not bool(pending.any()):
                     break
-            # every face's last evaluation is its state, unless it ended on a rejected step
-            st = trial if not bool(pending.any()) else evaluate(E, RC, T, gradient=it < cfg.iterations)
+            # every face's last evaluation is its state, unless it ended on a rejected step; where no face moved,
+            # ``st`` still is every face's state
+            if bool(pending.any()) and bool(moved.any()):
+                st = evaluate(E, RC, T, gradient=it < cfg.iterations)
+            elif not bool(pending.any()):
+                st = trial
             iters += _host(alive).astype(np.int64)
             # a face is done when no step improves it, or when the last one gained less than ``tolerance``
             converged = (total - (st.loss + prior_cost(E))) < cfg.tolerance * total
@@ -735,7 +752,7 @@ def cell_centroids(xy: np.ndarray, part: np.ndarray, cells: np.ndarray, n_parts:
 def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     """Batched cell grouping of predicted points (the prediction's side of `cell_centroids`).
 
-    uv (B, C, 2) crop points of the candidates, visible (B, C), cand_part (C,), cells (B, q). The visible
+    uv (B, C, 2) crop points of the candidates, visible (B, C), cand_part (C,) or (B, C), cells (B, q). The visible
     candidates of each (face, part) are grouped by grid cell; each group is one predicted point, the mean of
     its members. Returns a `CellSelection`. Groups beyond ``pm`` per part are dropped (cell sizes are chosen so
     that this is rare).
@@ -746,7 +763,8 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     to the host: no device synchronisation."""
     B, C, _ = uv.shape
     H = 512  # cells per axis either side of 0: keys hold cell x and y in 10 bits each
-    inv = (1.0 / cells[:, cand_part]).astype(uv.dtype)  # (B, C)
+    fp = xp.arange(B)[:, None] * q + cand_part.reshape(-1, C)  # flat (face, part)
+    inv = (1.0 / xp.take(cells.reshape(-1), fp)).astype(uv.dtype)  # (B, C)
     fx, fy = uv[..., 0] * inv, uv[..., 1] * inv  # in cells (planar: interleaved-axis ops are slow in NumPy)
     gx, gy = xp.floor(fx), xp.floor(fy)
     ok = visible & (gx >= -H) & (gx < H) & (gy >= -H) & (gy < H)
@@ -755,7 +773,6 @@ def select_cells(xp, uv, visible, cand_part, cells, q: int, pm: int):
     dq = xp.where(ok, xp.minimum((fx * fx + fy * fy) * 2048.0, 1023.0), 0.0).astype(xp.int64)  # 10 bits
     gx = (gx + H).astype(xp.int64) & 1023
     gy = (gy + H).astype(xp.int64) & 1023
-    fp = xp.arange(B)[:, None] * q + cand_part[None, :]  # flat (face, part)
     # key = face-part | cell y | cell x | distance to the cell centre | candidate index in its face: unique,
     # so a plain sort (much faster than a stable argsort) gives the same order in any batch
     cbits = max(C - 1, 1).bit_length()
