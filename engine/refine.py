@@ -75,10 +75,10 @@ class PartMasks(CropGeometry, Protocol):
 
 @dataclass
 class RefineConfig:
-    anchors: int = 8  # anchor grid n x n: per part around its target region (local), or over the crop
+    anchors: int = 6  # anchor grid n x n: per part around its target region (local), or over the crop
     local_anchors: bool = True  # one grid per part (small parts get as many anchors as the skin)
     anchor_margin: float = 0.35  # local grids extend this fraction of the part's size beyond it
-    points: int = 96  # about this many points per part, target and prediction alike
+    points: int = 80  # about this many points per part, target and prediction alike
     iterations: int = 3
     tolerance: float = 0.02  # stop once an iteration lowers the objective by less than this fraction
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
@@ -946,7 +946,8 @@ def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_str
         act = ((sxx + syy) > 0)[..., 0]
         kmax = max(int(act.sum(1).max()), 1)
         idx = xp.argsort(~act, axis=1, kind="stable")[:, :kmax]  # active points first
-        take = lambda arr: xp.take_along_axis(arr, idx.reshape(idx.shape + (1,) * (arr.ndim - 2)), 1)  # noqa: E731
+        idx = (idx + xp.arange(B)[:, None] * (q * pm)).reshape(-1)  # flat: one plain take per array
+        take = lambda arr: arr.reshape((-1,) + arr.shape[2:]).take(idx, 0).reshape((B, kmax) + arr.shape[2:])  # noqa: E731
         Ga, sxx, sxy, syy = take(Gb), take(sxx), take(sxy), take(syy)  # inactive fillers have S = 0
     SG = xp.stack([sxx * Ga[:, :, 0] + sxy * Ga[:, :, 1], sxy * Ga[:, :, 0] + syy * Ga[:, :, 1]], 2)
     jtj = xp.matmul(Ga.reshape(B, -1, n).transpose(0, 2, 1), SG.reshape(B, -1, n))

@@ -17,9 +17,9 @@ from engine.eval_prdl import evaluate  # noqa: E402
 from engine.refine import RefineConfig  # noqa: E402
 
 # (anchors, points, iterations, candidates per point, per-part grids)
-SETTINGS = [(6, 64, 3, 16, True), (8, 64, 3, 16, True), (8, 80, 3, 16, True), (8, 96, 2, 16, True),
-            (8, 96, 3, 12, True), (8, 96, 3, 16, True), (8, 96, 4, 16, True), (12, 96, 3, 16, True),
-            (8, 128, 3, 16, True), (16, 96, 3, 16, False)]
+SETTINGS = [(5, 80, 3, 16, True), (6, 64, 3, 16, True), (6, 80, 2, 16, True), (6, 80, 3, 12, True),
+            (6, 80, 3, 16, True), (6, 80, 4, 16, True), (6, 96, 3, 16, True), (8, 80, 3, 16, True),
+            (8, 96, 3, 16, True), (12, 96, 3, 16, True), (8, 128, 3, 16, True), (16, 96, 3, 16, False)]
 
 
 def main() -> int:
