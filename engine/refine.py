@@ -84,7 +84,8 @@ class RefineConfig:
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 0.3
-    lm_trials: int = 2  # damped steps tried per iteration until the objective drops (eval-prdl: IoU 0.8617 with 2, 0.8627 with 4)
+    # damped steps tried per iteration until the objective drops (eval-prdl, 8x8 anchors: IoU 0.8617 with 2, 0.8627 with 4)
+    lm_trials: int = 2
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     candidates: int = 16  # candidate surface samples per target point (before visibility and cell grouping)
@@ -947,7 +948,10 @@ def batched_normal_equations(points_jac, terms, n_faces: int, *, mean_anchor_str
         kmax = max(int(act.sum(1).max()), 1)
         idx = xp.argsort(~act, axis=1, kind="stable")[:, :kmax]  # active points first
         idx = (idx + xp.arange(B)[:, None] * (q * pm)).reshape(-1)  # flat: one plain take per array
-        take = lambda arr: arr.reshape((-1,) + arr.shape[2:]).take(idx, 0).reshape((B, kmax) + arr.shape[2:])  # noqa: E731
+
+        def take(arr):
+            return arr.reshape((-1,) + arr.shape[2:]).take(idx, 0).reshape((B, kmax) + arr.shape[2:])
+
         Ga, sxx, sxy, syy = take(Gb), take(sxx), take(sxy), take(syy)  # inactive fillers have S = 0
     SG = xp.stack([sxx * Ga[:, :, 0] + sxy * Ga[:, :, 1], sxy * Ga[:, :, 0] + syy * Ga[:, :, 1]], 2)
     jtj = xp.matmul(Ga.reshape(B, -1, n).transpose(0, 2, 1), SG.reshape(B, -1, n))
