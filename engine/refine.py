@@ -84,7 +84,8 @@ class RefineConfig:
     prior: float = 1.0  # pull toward the regressor's expression, per unit weight^2
     temporal: float = 0.3  # pull toward the previous frame's refined expression
     damping: float = 0.3
-    # damped steps tried per iteration until the objective drops (eval-prdl, 8x8 anchors: IoU 0.8617 with 2, 0.8627 with 4)
+    # damped steps tried per iteration until the objective drops (eval-prdl, 8x8 anchors: IoU 0.8617 with 2,
+    # 0.8627 with 4)
     lm_trials: int = 2
     mean_anchor_stride: int = 2  # Gauss-Newton matrix of the mean-distance rows from every k-th anchor
     part_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
@@ -530,7 +531,7 @@ class PrdlRefiner:
             out[..., 1] = aff32[..., 2] * u + aff32[..., 3] * v + aff32[..., 5]
             return out, pc
 
-        vis_c = None  # NumPy, once visibility is known: (B, Cv) the candidates the evaluations work on
+        vis_c = None  # NumPy, once visibility is known: (B * Cv,) flat b*C + c of the candidates evaluations use
 
         def candidates(E_, RC_, T_):
             """Crop points (B, C, 2) and camera points (B, C, 3) of the candidates (all of them, or ``vis_c``)."""
@@ -575,6 +576,7 @@ class PrdlRefiner:
         visible = splat_visibility(xp, face_uv, face_pc[..., 2], uvc, pcc[..., 2], splat, CROP_UNITS, dev["vis_tol"])
         eval_part = cand_part[None]
         if xp is np:  # the evaluations keep only the visible candidates (about 2/3), in order, padded to the most
+            # visible per face with hidden ones (which select_cells leaves out)
             keep = np.argsort(~visible, axis=1, kind="stable")[:, :max(int(visible.sum(1).max()), 1)]
             vis_c = (np.arange(B)[:, None] * C + keep).reshape(-1)  # flat b*C + c
             uvc, pcc = (a.reshape(B * C, -1).take(vis_c, 0).reshape(B, len(vis_c) // B, -1) for a in (uvc, pcc))
