@@ -534,7 +534,7 @@ class PrdlRefiner:
         vis_c = None  # NumPy, once visibility is known: (B * Cv,) flat b*C + c of the candidates evaluations use
 
         def candidates(E_, RC_, T_):
-            """Crop points (B, C, 2) and camera points (B, C, 3) of the candidates (all of them, or ``vis_c``)."""
+            """Crop points (B, C', 2) and camera points (B, C', 3) of the candidates: all of them, or ``vis_c``."""
             # one (1, n_exp) product per face: the same rounding in any batch; f32: ~1e-5 cm
             X = base + (E_.astype(xp.float32)[:, None, :] @ exp_flat)[:, 0].reshape(base.shape)
             return project(X if vis_c is None else X.reshape(-1, 3).take(vis_c, 0).reshape(B, -1, 3), RC_, T_)
@@ -659,7 +659,7 @@ class PrdlRefiner:
 class _State:
     """One parameter state's evaluation inside `PrdlRefiner.refine_batch`."""
 
-    pcc: object  # (B, C, 3) camera points of all candidates
+    pcc: object  # (B, C, 3) camera points of the evaluated candidates (NumPy: the visible ones, padded)
     sel: CellSelection
     pe: int  # slots used per part
     terms: prdl.GNTerms | None  # None after the last iteration (only the loss is needed)
