@@ -239,6 +239,17 @@ def test_crop_roi_is_corner_aligned_and_projection_inverts():
         assert abs(zz - z / 192 * 25) < 1e-5
 
 
+def test_batched_projection_equals_per_face_projection():
+    """`project_landmarks_batch` (the landmark stage's whole batch at once) gives each face's `project_landmarks`
+    bit for bit, rotated boxes of different sizes included."""
+    torch.manual_seed(0)
+    pts = torch.rand(4, 478, 3) * pp.LANDMARK_SIZE
+    rois = [pp.Roi(100.3 + i, 120.7 - i, 180 + 3.1 * i, 170 + i, 0.3 * i - 0.4) for i in range(4)]
+    batch = pp.project_landmarks_batch(pts, rois, pp.LANDMARK_SIZE)
+    for i, roi in enumerate(rois):
+        assert torch.equal(batch[i], pp.project_landmarks(pts[i], roi, pp.LANDMARK_SIZE))
+
+
 def test_letterbox_pads_black_to_minus_one():
     img = np.full((50, 100, 3), 255, np.uint8)
     x, info = pp.letterbox_detector_input(img)

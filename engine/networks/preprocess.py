@@ -277,25 +277,27 @@ def crop_faces(items: list[tuple[torch.Tensor, Roi]], size: int = LANDMARK_SIZE,
 def project_landmarks(points: torch.Tensor, roi: Roi, size: float) -> torch.Tensor:
     """Crop-unit points [..., N, 3] (x, y, z in `size`-px crop units) -> image pixels (section 4.5).
     z is scaled like x: z_px = z / size * roi.w. Accepts [..., N, 2] too."""
-    c, s = math.cos(roi.theta), math.sin(roi.theta)
-    xn = points[..., 0] / size - 0.5
-    yn = points[..., 1] / size - 0.5
-    x = roi.cx + (c * xn - s * yn) * roi.w
-    y = roi.cy + (s * xn + c * yn) * roi.h
-    cols = [x, y]
-    if points.shape[-1] > 2:
-        cols.append(points[..., 2] / size * roi.w)
-    return torch.stack(cols, dim=-1)
+    return _project_crop_points(points, (roi.cx, roi.cy, roi.w, roi.h, math.cos(roi.theta), math.sin(roi.theta)),
+                                size)
 
 
 def project_landmarks_batch(points: torch.Tensor, rois: list[Roi], size: float) -> torch.Tensor:
     """`project_landmarks` for a batch: points [B, N, 3] with one roi each -> image pixels [B, N, 3]."""
     p = torch.tensor([[r.cx, r.cy, r.w, r.h, math.cos(r.theta), math.sin(r.theta)] for r in rois],
                      dtype=points.dtype)[:, :, None]  # [B, 6, 1]
-    cx, cy, w, h, c, s = p.unbind(1)
+    return _project_crop_points(points, p.unbind(1), size)
+
+
+def _project_crop_points(points: torch.Tensor, roi_params, size: float) -> torch.Tensor:
+    """The rotated-box map of `project_landmarks`; ``roi_params`` = (cx, cy, w, h, cos, sin), numbers or tensors
+    that broadcast against points[..., 0]."""
+    cx, cy, w, h, c, s = roi_params
     xn = points[..., 0] / size - 0.5
     yn = points[..., 1] / size - 0.5
-    return torch.stack([cx + (c * xn - s * yn) * w, cy + (s * xn + c * yn) * h, points[..., 2] / size * w], dim=-1)
+    cols = [cx + (c * xn - s * yn) * w, cy + (s * xn + c * yn) * h]
+    if points.shape[-1] > 2:
+        cols.append(points[..., 2] / size * w)
+    return torch.stack(cols, dim=-1)
 
 
 # ---------------------------------------------------------------- iris (eye crops)
