@@ -51,8 +51,8 @@ def model():
 
 
 @pytest.fixture(scope="session")
-def batch_refiner(model):
-    """The refiner the batched-refinement tests share (eye-look shapes held, as the tracker's)."""
+def refiner(model):
+    """The PRDL refiner the refinement tests share (default config, eye-look shapes held, as the tracker's)."""
     from engine.gaze import ICT_EYE_LOOK
     from engine.refine import PrdlRefiner
 
@@ -62,11 +62,11 @@ def batch_refiner(model):
 
 
 @pytest.fixture(scope="session")
-def batch_problems(batch_refiner):
+def batch_problems(refiner):
     """Six synthetic refinement problems, half of them with a previous frame (temporal term)."""
     from engine.refine import synthetic_problems
 
-    probs = synthetic_problems(batch_refiner, 6, seed=3)
+    probs = synthetic_problems(refiner, 6, seed=3)
     for i, p in enumerate(probs):
         if i % 2:
             p.exp_prev = np.clip(p.expression + 0.05, 0.0, 1.0)

@@ -72,16 +72,6 @@ def test_splat_visibility_hides_points_behind_a_surface_per_face():
     assert vis[1].tolist() == [True, True, True, False]
 
 
-@pytest.fixture(scope="module")
-def refiner(model):
-    from engine.gaze import ICT_EYE_LOOK
-    from engine.refine import PrdlRefiner
-
-    fixed = np.zeros(model.n_exp, bool)
-    fixed[list(ICT_EYE_LOOK.values())] = True
-    return PrdlRefiner(model, RefineConfig(), fixed_exp=fixed)
-
-
 @pytest.mark.parametrize("case", ["one_eye_closed", "asymmetric_smile", "jaw_open", "frown", "pucker"])
 def test_refinement_moves_perturbed_shapes_toward_the_truth(model, refiner, case):
     """Over several random faces of a case, the deliberately perturbed shapes get clearly closer."""

@@ -24,13 +24,13 @@ def _agrees(ref, got):
     assert close >= len(ref) // 2
 
 
-def test_torch_refinement_gives_numpy_answers(batch_refiner, batch_problems):
+def test_torch_refinement_gives_numpy_answers(refiner, batch_problems):
     from engine.refine_torch import TorchRefiner
 
-    _agrees(batch_refiner.refine_batch(batch_problems), TorchRefiner(batch_refiner).refine(batch_problems))
+    _agrees(refiner.refine_batch(batch_problems), TorchRefiner(refiner).refine(batch_problems))
 
 
-def test_landmark_mask_weights_and_a_face_off_its_crop(batch_refiner, batch_problems):
+def test_landmark_mask_weights_and_a_face_off_its_crop(refiner, batch_problems):
     """Parts no face weighs are left out (the landmark masks' weights); a face with no candidate in its crop comes
     back unchanged with nothing used."""
     from dataclasses import replace
@@ -39,19 +39,19 @@ def test_landmark_mask_weights_and_a_face_off_its_crop(batch_refiner, batch_prob
     from engine.refine_torch import TorchRefiner
 
     lm = [replace(p, part_weights=LANDMARK_MASK_PART_WEIGHTS) for p in batch_problems[:2]]
-    _agrees(batch_refiner.refine_batch(lm), TorchRefiner(batch_refiner).refine(lm))
+    _agrees(refiner.refine_batch(lm), TorchRefiner(refiner).refine(lm))
     off = replace(batch_problems[0], translation=np.asarray(batch_problems[0].translation) + np.array([200.0, 0.0, 0.0]))
-    r = TorchRefiner(batch_refiner).refine([off])[0]
+    r = TorchRefiner(refiner).refine([off])[0]
     assert r.loss_before == r.loss_after == 0.0 and not any(r.used_parts)
     assert np.allclose(r.translation, off.translation)
 
 
-def test_faces_do_not_depend_on_their_batch(batch_refiner, batch_problems):
+def test_faces_do_not_depend_on_their_batch(refiner, batch_problems):
     """A CUDA graph pads a batch to its bucket by repeating the first face: the real faces' answers must not
     change (each face's keys, sums and solves are its own)."""
     from engine.refine_torch import TorchRefiner
 
-    tr = TorchRefiner(batch_refiner)
+    tr = TorchRefiner(refiner)
     alone = tr.refine(batch_problems[1:3])
     padded = tr.refine(batch_problems[1:3] + [batch_problems[1]] * 6)
     for a, b in zip(alone, padded):
@@ -76,13 +76,13 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_solve_reads_nothing_back(batch_refiner, batch_problems):
+def test_the_solve_reads_nothing_back(refiner, batch_problems):
     """What a CUDA graph needs, checked on the CPU: the whole solve dispatches no operator that reads values back.
     (The same mode catches a Python branch on a tensor: that is a ``_local_scalar_dense`` call.)"""
     from engine.refine_torch import TorchRefiner
 
-    tr = TorchRefiner(batch_refiner)
-    inp = batch_refiner.batch_inputs(batch_problems[:3])
+    tr = TorchRefiner(refiner)
+    inp = refiner.batch_inputs(batch_problems[:3])
     c = tr._constants_for(inp.parts)
     host = [inp.aff, inp.cam, inp.expression, inp.prior, inp.prev, inp.temporal, inp.rotation_cam,
             inp.translation, inp.identity, inp.anchors, inp.target_desc, inp.target_valid, inp.cells,
@@ -91,20 +91,20 @@ def test_the_solve_reads_nothing_back(batch_refiner, batch_problems):
     with _HostReads() as mode:
         out = tr._solve(c, *args)
     assert mode.seen == [], mode.seen
-    assert out.shape == (3, 9 + 3 + batch_refiner.model.n_exp + 3 + len(inp.parts))
+    assert out.shape == (3, 9 + 3 + refiner.model.n_exp + 3 + len(inp.parts))
     # and the mode does see a host read where there is one
     with _HostReads() as mode:
         bool(args[2].sum() > 0)
     assert mode.seen
 
 
-def test_cuda_graph_refinement_matches_numpy(batch_refiner, batch_problems):  # pragma: no cover - needs a GPU
+def test_cuda_graph_refinement_matches_numpy(refiner, batch_problems):  # pragma: no cover - needs a GPU
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: no CUDA device is visible (torch.cuda.is_available() is False)")
     from engine.refine_torch import TorchRefiner
 
-    ref = batch_refiner.refine_batch(batch_problems)
-    tr = TorchRefiner(batch_refiner, "cuda")
+    ref = refiner.refine_batch(batch_problems)
+    tr = TorchRefiner(refiner, "cuda")
     _agrees(ref, tr.refine(batch_problems))  # captures the bucket of 8
     assert not tr.graphs.errors, tr.graphs.errors
     assert len(tr.graphs.graphs) == 1
@@ -114,17 +114,17 @@ def test_cuda_graph_refinement_matches_numpy(batch_refiner, batch_problems):  # 
     _agrees(ref, tr.refine(batch_problems))  # eager on the GPU
 
 
-def test_warm_captures_every_bucket_for_both_part_sets(batch_refiner):  # pragma: no cover - needs a GPU
+def test_warm_captures_every_bucket_for_both_part_sets(refiner):  # pragma: no cover - needs a GPU
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: no CUDA device is visible (torch.cuda.is_available() is False)")
     from engine.refine_torch import TorchRefiner
 
-    tr = TorchRefiner(batch_refiner, "cuda")
+    tr = TorchRefiner(refiner, "cuda")
     assert tr.warm(8) == 2 * 4  # buckets 1, 2, 4, 8 x (all parts, the landmark masks' parts)
     assert not tr.graphs.errors, tr.graphs.errors
 
 
-def test_warm_is_a_no_op_off_cuda(batch_refiner):
+def test_warm_is_a_no_op_off_cuda(refiner):
     from engine.refine_torch import TorchRefiner
 
-    assert TorchRefiner(batch_refiner, "cpu").warm(8) == 0
+    assert TorchRefiner(refiner, "cpu").warm(8) == 0
