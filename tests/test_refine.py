@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.refine import RefineConfig, cell_centroids, select_cells, splat_visibility
+from engine.refine import cell_centroids, select_cells, splat_visibility
 
 
 class _NumpyAsAnotherModule:
