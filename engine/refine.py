@@ -485,7 +485,7 @@ class PrdlRefiner:
         B = len(problems)
         if B == 0:
             return []
-        pm, n_e = self.pmax, self.model.n_exp
+        pm = self.pmax
         inp = self.batch_inputs(problems)
         parts = inp.parts
         q = len(parts)
