@@ -701,6 +701,12 @@ class BatchInputs:
     cells: np.ndarray  # (B, q) thinning grid cell per part, crop units
     part_weights: np.ndarray  # (B, q) float32
 
+    def solve_arrays(self) -> list[np.ndarray]:
+        """The arrays a device solve takes, in `engine.refine_torch.TorchRefiner._solve`'s order."""
+        return [self.aff, self.cam, self.expression, self.prior, self.prev, self.temporal, self.rotation_cam,
+                self.translation, self.identity, self.anchors, self.target_desc, self.target_valid, self.cells,
+                self.part_weights]
+
 
 def _host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") else np.asarray(a)

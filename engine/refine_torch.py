@@ -65,10 +65,8 @@ class TorchRefiner:
         inp = self.refiner.batch_inputs(problems)
         c = self._constants_for(inp.parts)
         check_key_bits(max(len(problems), bucket_for(len(problems)) or 0), len(inp.parts), int(c["cand_part"].shape[0]))
-        host = [inp.aff, inp.cam, inp.expression, inp.prior, inp.prev, inp.temporal, inp.rotation_cam,
-                inp.translation, inp.identity, inp.anchors, inp.target_desc, inp.target_valid, inp.cells,
-                inp.part_weights]
-        out = self.graphs.run(lambda *t: self._solve_fn(c, *t), host, key=(inp.parts, inp.anchors.shape[2]))
+        out = self.graphs.run(lambda *t: self._solve_fn(c, *t), inp.solve_arrays(),
+                              key=(inp.parts, inp.anchors.shape[2]))
         out = out.cpu().numpy()  # one transfer: (B, 9 + 3 + n_exp + 3 + q)
         B, n_e = len(problems), inp.expression.shape[1]
         rc, t, e = out[:, :9].reshape(B, 3, 3), out[:, 9:12], out[:, 12:12 + n_e]
@@ -96,20 +94,17 @@ class TorchRefiner:
         return len(self.graphs.graphs)
 
     def _constants_for(self, parts: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """The refiner's constants for ``parts`` on this device (uploaded once per part set)."""
         with self._lock:  # refine stages of several schedulers may share this refiner
-            return self._constants_locked(parts)
-
-    def _constants_locked(self, parts: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        if parts not in self._constants:
-            if len(self._constants) >= 8:  # a handful of part sets in use at once (graphs keep theirs alive)
-                self._constants.clear()
-            cfg = self.refiner.config
-            host = self.refiner.constant_arrays(parts)
-            host["free"] = (~self.refiner.fixed_exp).astype(np.float64)
-            host["channel_weights"] = np.asarray(cfg.channel_weights, np.float32)
-            host["cross"] = CROSS_MATRIX
-            self._constants[parts] = {k: torch.as_tensor(v, device=self.device) for k, v in host.items()}
-        return self._constants[parts]
+            if parts not in self._constants:
+                if len(self._constants) >= 8:  # a handful of part sets in use at once (graphs keep theirs alive)
+                    self._constants.clear()
+                host = self.refiner.constant_arrays(parts)
+                host["free"] = (~self.refiner.fixed_exp).astype(np.float64)
+                host["channel_weights"] = np.asarray(self.refiner.config.channel_weights, np.float32)
+                host["cross"] = CROSS_MATRIX
+                self._constants[parts] = {k: torch.as_tensor(v, device=self.device) for k, v in host.items()}
+            return self._constants[parts]
 
     # ------------------------------------------------------------------ the solve (no host reads)
     def _solve(self, c, aff, cam, E, P0, Pv, tw, RC, T, ident, anchors, tdesc, tvalid, cells, weights):

@@ -84,10 +84,7 @@ def test_the_solve_reads_nothing_back(refiner, batch_problems):
     tr = TorchRefiner(refiner)
     inp = refiner.batch_inputs(batch_problems[:3])
     c = tr._constants_for(inp.parts)
-    host = [inp.aff, inp.cam, inp.expression, inp.prior, inp.prev, inp.temporal, inp.rotation_cam,
-            inp.translation, inp.identity, inp.anchors, inp.target_desc, inp.target_valid, inp.cells,
-            inp.part_weights]
-    args = [torch.as_tensor(a) for a in host]
+    args = [torch.as_tensor(a) for a in inp.solve_arrays()]
     with _HostReads() as mode:
         out = tr._solve(c, *args)
     assert mode.seen == [], mode.seen
