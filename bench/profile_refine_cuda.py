@@ -13,12 +13,11 @@ import cupy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (run as a script)
 from engine import refine  # noqa: E402 - after the path
 from engine.face_model import FaceModel  # noqa: E402
-from engine.gaze import ICT_EYE_LOOK  # noqa: E402
+from engine.gaze import eye_look_mask  # noqa: E402
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 model = FaceModel.load()
-fixed = np.zeros(model.n_exp, bool)
-fixed[list(ICT_EYE_LOOK.values())] = True
+fixed = eye_look_mask(model.n_exp)
 ref = refine.PrdlRefiner(model, fixed_exp=fixed)
 problems = refine.synthetic_problems(ref, n, 0)
 sync = cupy.cuda.Stream.null.synchronize

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (run as a script)
 from engine import refine  # noqa: E402 - after the path
 from engine.face_model import FaceModel  # noqa: E402
-from engine.gaze import ICT_EYE_LOOK  # noqa: E402
+from engine.gaze import eye_look_mask  # noqa: E402
 from engine.refine_torch import TorchRefiner  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -20,8 +20,7 @@ n = int(args[0]) if args else 64
 if not torch.cuda.is_available():
     sys.exit("profile_refine_torch: needs a CUDA device")
 model = FaceModel.load()
-fixed = np.zeros(model.n_exp, bool)
-fixed[list(ICT_EYE_LOOK.values())] = True
+fixed = eye_look_mask(model.n_exp)
 ref = refine.PrdlRefiner(model, fixed_exp=fixed)
 problems = refine.synthetic_problems(ref, n, 0)
 print(torch.cuda.get_device_name(), "torch", torch.__version__)

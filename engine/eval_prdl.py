@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.face_model import FaceModel
-from engine.gaze import ICT_EYE_LOOK
+from engine.gaze import eye_look_mask
 from engine.raster import render_labels
 from engine.refine import PrdlRefiner, RefineConfig
 from engine.synthetic import CASES, SyntheticFace, sample_face
@@ -71,8 +71,7 @@ def _angle_deg(r1: np.ndarray, r2: np.ndarray) -> float:
 
 def evaluate(n_faces: int = 60, config: RefineConfig | None = None, seed: int = 0, size: int = 224) -> dict:
     model = FaceModel.load()
-    fixed = np.zeros(model.n_exp, bool)
-    fixed[list(ICT_EYE_LOOK.values())] = True
+    fixed = eye_look_mask(model.n_exp)
     refiner = PrdlRefiner(model, config, fixed_exp=fixed)
     rng = np.random.default_rng(seed)
     parts = model.part_names

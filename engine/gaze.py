@@ -21,6 +21,13 @@ ICT_EYE_LOOK = {
 }
 
 
+def eye_look_mask(n_exp: int) -> np.ndarray:
+    """(n_exp,) bool: the eyeLook shapes, which gaze sets and the landmark fit and PRDL hold fixed."""
+    fixed = np.zeros(n_exp, bool)
+    fixed[list(ICT_EYE_LOOK.values())] = True
+    return fixed
+
+
 class GazeEstimator:
     """Gaze per eye from the observed iris centre and the fitted head.
 

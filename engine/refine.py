@@ -1004,11 +1004,10 @@ def bench_batch(n_faces: int = 64, reps: int = 10, seed: int = 0, compiled: bool
     with the masks)."""
     import time
 
-    from engine.gaze import ICT_EYE_LOOK
+    from engine.gaze import eye_look_mask
 
     model = FaceModel.load()
-    fixed = np.zeros(model.n_exp, bool)
-    fixed[list(ICT_EYE_LOOK.values())] = True
+    fixed = eye_look_mask(model.n_exp)
     refiner = PrdlRefiner(model, fixed_exp=fixed)
     problems = synthetic_problems(refiner, n_faces, seed)
     runs = [("numpy", lambda p: refiner.refine_batch(p), lambda: None)]

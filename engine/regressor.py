@@ -16,7 +16,7 @@ import torch
 from engine.assets import find_asset
 from engine.face_model import FaceModel
 from engine.fitting import FitResult, FitWeights, LandmarkFitter
-from engine.gaze import ICT_EYE_LOOK, GazeEstimator, eye_look_expression
+from engine.gaze import ICT_EYE_LOOK, GazeEstimator, eye_look_expression, eye_look_mask
 from engine.geometry import Camera, rotation_from_6d
 from engine.networks.coeff_head import N_INPUT_POINTS, CoefficientHead, expression_features, load_head
 
@@ -65,8 +65,7 @@ class Regressor:
                  weights: FitWeights | None = None):
         self.model = model
         self.head = head if head is not None else load_head()
-        fixed = np.zeros(model.n_exp, bool)
-        fixed[list(ICT_EYE_LOOK.values())] = True
+        fixed = eye_look_mask(model.n_exp)
         self.gaze = GazeEstimator(model)
         self.fitter = LandmarkFitter(model.lm_neutral, model.lm_id, model.lm_exp, np.arange(N_INPUT_POINTS),
                                      landmark_weights(), fixed, n_id_fit=n_id_fit, weights=weights,

@@ -53,12 +53,10 @@ def model():
 @pytest.fixture(scope="session")
 def refiner(model):
     """The PRDL refiner the refinement tests share (default config, eye-look shapes held, as the tracker's)."""
-    from engine.gaze import ICT_EYE_LOOK
+    from engine.gaze import eye_look_mask
     from engine.refine import PrdlRefiner
 
-    fixed = np.zeros(model.n_exp, bool)
-    fixed[list(ICT_EYE_LOOK.values())] = True
-    return PrdlRefiner(model, fixed_exp=fixed)
+    return PrdlRefiner(model, fixed_exp=eye_look_mask(model.n_exp))
 
 
 @pytest.fixture(scope="session")
