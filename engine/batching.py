@@ -188,6 +188,10 @@ class _SessionDetector:
     def __call__(self, rgb):
         return self.session.scheduler.detect.call(rgb, self.session.deadline)
 
+    def submit(self, rgb):
+        """A re-detection: the tracker takes the answer on its next frame (`Tracker._apply_redetection`)."""
+        return self.session.scheduler.detect.submit(rgb, self.session.deadline)
+
 
 class _SessionLandmarker:
     """What a Tracker sees as its landmarker: crops go through the shared landmark stage."""

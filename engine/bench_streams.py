@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -33,41 +34,44 @@ PERIOD = 1.0 / 30.0
 # ---------------------------------------------------------------- session process side
 
 class _Remote:
-    """A session process's connection to the network process: request ids -> waiting threads."""
+    """A session process's connection to the network process: request ids -> their futures."""
 
     def __init__(self, conn):
         self.conn = conn
         self.send_lock = threading.Lock()
-        self.pending: dict[int, list] = {}
+        self.pending: dict[int, Future] = {}
         self.next_id = 0
         self.lock = threading.Lock()
         threading.Thread(target=self._receive, daemon=True).start()
 
     def _receive(self):
+        from engine.batching import DeadlineExceeded
+
         while True:
             try:
                 rid, ok, value = self.conn.recv()
             except (EOFError, OSError):
                 return
-            slot = self.pending.pop(rid)
-            slot[1], slot[2] = ok, value
-            slot[0].set()
+            fut = self.pending.pop(rid)
+            if ok:
+                fut.set_result(value)
+            elif value == "deadline":
+                fut.set_exception(DeadlineExceeded("network process: deadline passed before dispatch"))
+            else:
+                fut.set_exception(RuntimeError(f"network process: {value}"))
 
-    def call(self, kind: str, payload, deadline: float | None):
+    def submit(self, kind: str, payload, deadline: float | None) -> Future:
+        fut: Future = Future()
         with self.lock:
             rid = self.next_id
             self.next_id += 1
-        slot = [threading.Event(), None, None]
-        self.pending[rid] = slot
+            self.pending[rid] = fut
         with self.send_lock:
             self.conn.send((rid, kind, payload, deadline))
-        slot[0].wait()
-        if not slot[1]:
-            from engine.batching import DeadlineExceeded
-            if slot[2] == "deadline":
-                raise DeadlineExceeded("network process: deadline passed before dispatch")
-            raise RuntimeError(f"network process: {slot[2]}")
-        return slot[2]
+        return fut
+
+    def call(self, kind: str, payload, deadline: float | None):
+        return self.submit(kind, payload, deadline).result()
 
 
 class _RemoteDetector:
@@ -75,7 +79,11 @@ class _RemoteDetector:
         self.stream = stream
 
     def __call__(self, rgb):
-        return self.stream.remote.call("detect", self.stream.handle, self.stream.deadline)
+        return self.submit(rgb).result()
+
+    def submit(self, rgb):
+        """The frame is named by its handle (it lives in the network process's shared memory)."""
+        return self.stream.remote.submit("detect", self.stream.handle, self.stream.deadline)
 
 
 class _RemoteLandmarker:

@@ -5,7 +5,9 @@ estimated over the first frames, the previous fit (warm start) and the temporal 
 """
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,11 +24,17 @@ from engine.networks.preprocess import Roi, roi_from_detection, roi_from_landmar
 from engine.refine import LANDMARK_MASK_PART_WEIGHTS
 from engine.regressor import Regressor
 
+log = logging.getLogger("facestream.tracker")
+REDETECT_MAX_WAIT_S = 0.5  # a re-detection not answered by the next frame's start + this is ignored
+
 
 @dataclass
 class TrackerConfig:
     hfov_deg: float = DEFAULT_HFOV_DEG  # camera field of view when intrinsics are unknown
-    detect_every: int = 30  # re-run the detector every N frames even while tracking (0 = only when lost)
+    # re-run the detector every N frames even while tracking (0 = only when lost). A detector that runs elsewhere
+    # (a batched stage: it has ``submit``) is asked beside the frame's own work and its verdict applied on the next
+    # frame, so that frame's latency does not include it; an in-thread detector runs on the frame's path
+    detect_every: int = 30
     presence_threshold: float = 0.5  # landmark network face-presence probability
     identity_frames: int = 30  # frames (near-frontal) that refine the identity before it is held
     identity_max_angle_deg: float = 25.0
@@ -71,6 +79,7 @@ class Tracker:
         self.roi: Roi | None = None
         self.previous: FitResult | None = None
         self.frames_since_detect = 0
+        self._redetect: tuple[Future, tuple[int, int]] | None = None  # a pending re-detection, its frame's (w, h)
         self.f_pose = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
         self.f_trans = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
         self.f_exp = OneEuroFilter(self.config.filter_exp_min_cutoff, self.config.filter_exp_beta)
@@ -92,7 +101,8 @@ class Tracker:
     # ------------------------------------------------------------------ per frame
     def process(self, rgb: np.ndarray, frame_index: int, pts: float | None = None,
                 ts_capture: float | None = None, t_seconds: float | None = None) -> FaceState:
-        """Track one RGB frame (H, W, 3 uint8). t_seconds drives the filters (default: pts or wall clock)."""
+        """Track one RGB frame (H, W, 3 uint8). t_seconds drives the filters (default: pts or wall clock).
+        A frame sent for re-detection (a batched detector) may be read until the next call: do not overwrite it."""
         t_start = time.perf_counter()
         ts_capture = time.time() * 1000.0 if ts_capture is None else ts_capture
         state = FaceState(frame=frame_index, pts=pts, ts_capture=ts_capture)
@@ -102,8 +112,10 @@ class Tracker:
         h, w = rgb.shape[:2]
         image = self.landmarker.to_tensor(rgb)
 
-        need_detect = self.roi is None or (self.config.detect_every > 0
-                                           and self.frames_since_detect >= self.config.detect_every)
+        self._apply_redetection(w, h, timings)
+        need_detect = self.roi is None
+        if not need_detect and self.config.detect_every > 0 and self.frames_since_detect >= self.config.detect_every:
+            need_detect = not self._start_redetection(rgb)
         roi = self._detect(rgb, timings) if need_detect else self.roi
         points, score = self._landmarks(image, roi, timings)
         if score < self.config.presence_threshold and not need_detect:
@@ -190,6 +202,38 @@ class Tracker:
         timings["detect"] = timings.get("detect", 0.0) + (time.perf_counter() - t0) * 1e3
         self.frames_since_detect = 0
         return self._pick_roi(detections, rgb.shape[1], rgb.shape[0]) if detections else None
+
+    def _start_redetection(self, rgb: np.ndarray) -> bool:
+        """Ask a detector that runs elsewhere about this frame, answer wanted on the next frame (the tracked ROI
+        serves this one). False: the detector runs in this thread, so the frame runs it on its path."""
+        submit = getattr(self.detector, "submit", None)
+        if submit is None:
+            return False
+        if self._redetect is None:
+            self._redetect = (submit(rgb), (rgb.shape[1], rgb.shape[0]))
+        self.frames_since_detect = 0
+        return True
+
+    def _apply_redetection(self, w: int, h: int, timings: dict) -> None:
+        """The previous frame's re-detection: the track moves to the detected face where the two disagree. A
+        detector that saw no face, failed or missed its deadline leaves the track alone: the landmark network's
+        presence score decides, every frame, whether the face is lost."""
+        if self._redetect is None:
+            return
+        future, size = self._redetect
+        self._redetect = None
+        t0 = time.perf_counter()
+        try:
+            detections = future.result(timeout=REDETECT_MAX_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - advisory: the next one comes detect_every frames later
+            future.cancel()  # (still queued after the wait: withdrawn)
+            if not isinstance(exc, TimeoutError):  # (a stage's DeadlineExceeded is a TimeoutError)
+                log.warning("re-detection failed, the track goes on: %s: %s", type(exc).__name__, exc)
+            return
+        finally:
+            timings["redetect_wait"] = (time.perf_counter() - t0) * 1e3
+        if detections and self.roi is not None and size == (w, h):
+            self.roi = self._pick_roi(detections, w, h)
 
     def _landmarks(self, image, roi: Roi | None, timings: dict) -> tuple[np.ndarray | None, float]:
         if roi is None:

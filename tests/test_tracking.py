@@ -108,3 +108,59 @@ def test_prdl_refinement_in_the_tracker_reports_its_time_and_loss(pack):
         assert msg["prdl"]["loss_after"] <= msg["prdl"]["loss_before"]
         assert {"segment", "prdl"} <= set(msg["timing_ms"])
         assert all(0.0 <= v <= 1.0 for v in msg["blendshapes"].values())
+
+
+def test_redetection_verdict_moves_the_track_only_to_a_face_elsewhere(pack):
+    """A re-detection's answer (taken on the frame after it was asked) moves a track whose region holds no
+    detected face to the detected face, and leaves the track alone when it agrees, saw no face, failed, or came
+    from a frame of another size."""
+    from concurrent.futures import Future
+
+    from engine.media import load_image
+    from engine.tracker import TrackerConfig
+
+    rgb = load_image(media_path("liveportrait_img_d9.jpg"))
+    h, w = rgb.shape[:2]
+    moved = np.ascontiguousarray(np.roll(rgb, w // 3, axis=1))  # the same face a third of the width to the right
+    tracker = pack.tracker(TrackerConfig(filter=False))
+    assert tracker.process(rgb, 0).face
+
+    def verdict(answer, size=(w, h)):
+        start = tracker.roi
+        fut: Future = Future()
+        fut.set_exception(answer) if isinstance(answer, Exception) else fut.set_result(answer)
+        tracker._redetect = (fut, size)
+        timings: dict = {}
+        tracker._apply_redetection(w, h, timings)
+        assert tracker._redetect is None and "redetect_wait" in timings
+        moved_by = tracker.roi.cx - start.cx
+        tracker.roi = start
+        return moved_by
+
+    here, there = pack.detector(rgb), pack.detector(moved)
+    assert here and there
+    assert verdict(here) == 0.0  # agrees: the tighter landmark ROI is kept
+    assert abs(verdict(there) - w // 3) < 0.1 * w  # the track's region holds no detected face: moved
+    assert verdict([]) == 0.0  # the detector saw nothing: the landmark presence score decides
+    assert verdict(RuntimeError("stage failed")) == 0.0
+    assert verdict(there, size=(w + 2, h)) == 0.0  # answered for a frame of another size: stale
+
+
+def test_batched_redetection_runs_beside_the_frame(pack):
+    """With a batched detector the periodic re-detection is sent with the frame and answered on the next one:
+    no tracked frame runs the detector on its own path, the detect stage still sees every due frame, and the
+    face is tracked throughout."""
+    from engine.batching import BatchScheduler
+    from engine.tracker import TrackerConfig
+
+    frames = [f.rgb for f in itertools.islice(MediaSource(media_path("liveportrait_d3.mp4")).frames(), 13)]
+    with BatchScheduler(pack, max_wait_ms=1.0) as scheduler:
+        session = scheduler.session(TrackerConfig(detect_every=4, filter=False))
+        states = [session.process(rgb, i) for i, rgb in enumerate(frames)]
+        detected = scheduler.stats()["detect"]["items"]
+    assert all(s.face for s in states)
+    on_path = [i for i, s in enumerate(states) if "detect" in s.timings_ms]
+    answered = [i for i, s in enumerate(states) if "redetect_wait" in s.timings_ms]
+    assert on_path == [0]  # only the first frame (no track yet) waits for the detector
+    assert answered == [5, 9]  # asked on frames 4 and 8 (frame 12's answer is still pending)
+    assert detected == 4  # frame 0 on the path, 4, 8 and 12 beside it
