@@ -371,11 +371,9 @@ class PrdlRefiner:
     # ------------------------------------------------------------------ geometry
     def _crop_affine(self, masks: CropGeometry) -> tuple[np.ndarray, np.ndarray]:
         """Image pixels -> crop units as x' = M x + b."""
-        o = masks.to_crop(np.zeros((1, 2)))[0]
-        m = np.stack([masks.to_crop(np.array([[1.0, 0.0]]))[0] - o,
-                      masks.to_crop(np.array([[0.0, 1.0]]))[0] - o], axis=1)
+        p = masks.to_crop(_ORIGIN_AND_UNITS)  # the images of (0, 0), (1, 0), (0, 1)
         k = CROP_UNITS / masks.size
-        return m * k, (o + 0.5) * k
+        return (p[1:] - p[0]).T * k, (p[0] + 0.5) * k
 
     def prepare_identity(self, identity: np.ndarray) -> None:
         """Compute an identity's shapes ahead of its frames (tracking holds the identity: done once per person)."""
@@ -436,16 +434,16 @@ class PrdlRefiner:
         parts that some face weighs (the others are left out of the whole solve)."""
         cfg = self.config
         n_e = self.model.n_exp
-        aff, cam, e0, prior, prev, has_prev = [], [], [], [], [], []
-        for pr in problems:
+        aff = np.empty((len(problems), 6))
+        for i, pr in enumerate(problems):
             m, b = self._crop_affine(pr.targets.masks)
-            e = np.clip(np.asarray(pr.expression, np.float64), 0.0, 1.0)
-            aff.append(np.concatenate([m.reshape(-1), b]))
-            cam.append([pr.camera.fx, pr.camera.fy, pr.camera.cx, pr.camera.cy])
-            e0.append(e)
-            prior.append(e if pr.exp_prior is None else np.asarray(pr.exp_prior, np.float64))
-            prev.append(np.zeros(n_e) if pr.exp_prev is None else np.asarray(pr.exp_prev, np.float64))
-            has_prev.append(pr.exp_prev is not None)
+            aff[i, :4], aff[i, 4:] = m.reshape(-1), b
+        cam = [(pr.camera.fx, pr.camera.fy, pr.camera.cx, pr.camera.cy) for pr in problems]
+        e0 = np.clip(np.array([pr.expression for pr in problems], np.float64), 0.0, 1.0)
+        prior = np.array([e if pr.exp_prior is None else pr.exp_prior for e, pr in zip(e0, problems)], np.float64)
+        zeros = np.zeros(n_e)
+        prev = np.array([zeros if pr.exp_prev is None else pr.exp_prev for pr in problems], np.float64)
+        has_prev = [pr.exp_prev is not None for pr in problems]
         pw = np.stack([np.asarray(cfg.part_weights if pr.part_weights is None else pr.part_weights, np.float32)
                        for pr in problems])
         parts = tuple(int(p) for p in np.nonzero((pw != 0).any(0))[0])  # parts some face weighs
@@ -454,16 +452,16 @@ class PrdlRefiner:
         sel = list(parts)
         A = max(int(pr.targets.anchors.shape[-2]) for pr in problems)
         return BatchInputs(
-            parts, np.array(aff), np.array(cam, np.float64), np.array(e0), np.array(prior), np.array(prev),
+            parts, aff, np.array(cam, np.float64), e0, prior, prev,
             cfg.temporal * np.array(has_prev, np.float64)[:, None],
-            np.stack([np.asarray(pr.rotation_cam, np.float64) for pr in problems]),
-            np.stack([np.asarray(pr.translation, np.float64) for pr in problems]),
-            np.stack([np.asarray(pr.identity, np.float64) for pr in problems]),
-            np.stack([np.broadcast_to(pr.targets.anchors, (self.n_parts, A, 2))[sel]
-                      for pr in problems]).astype(np.float32),
-            np.stack([pr.targets.desc[sel] for pr in problems]).astype(np.float32),
-            np.stack([pr.targets.valid[sel] for pr in problems]),
-            np.stack([pr.targets.cells[sel] for pr in problems]).astype(np.float64),
+            np.array([pr.rotation_cam for pr in problems], np.float64),
+            np.array([pr.translation for pr in problems], np.float64),
+            np.array([pr.identity for pr in problems], np.float64),
+            np.stack([a if a.shape == (self.n_parts, A, 2) else np.broadcast_to(a, (self.n_parts, A, 2))
+                      for a in (pr.targets.anchors for pr in problems)])[:, sel].astype(np.float32),
+            np.stack([pr.targets.desc for pr in problems])[:, sel].astype(np.float32),
+            np.stack([pr.targets.valid for pr in problems])[:, sel],
+            np.stack([pr.targets.cells for pr in problems])[:, sel].astype(np.float64),
             pw[:, sel])
 
     def results(self, inp: "BatchInputs", rotation_cam, translation, expression, loss_before, loss_after,
@@ -706,6 +704,9 @@ class BatchInputs:
         return [self.aff, self.cam, self.expression, self.prior, self.prev, self.temporal, self.rotation_cam,
                 self.translation, self.identity, self.anchors, self.target_desc, self.target_valid, self.cells,
                 self.part_weights]
+
+
+_ORIGIN_AND_UNITS = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
 
 
 def _host(a) -> np.ndarray:
