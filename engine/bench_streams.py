@@ -154,6 +154,9 @@ def _session_process(conn, stream_ids, clip_meta, start, seconds, result_queue, 
 
             refiner = PrdlRefiner(model, fixed_exp=regressor.fitter.fixed_exp)
         streams = {sid: _Stream(remote, regressor, model, device_stages, refiner) for sid in stream_ids}
+        from engine import freeze_long_lived
+
+        freeze_long_lived()
         for sid, st in streams.items():
             c = sid % len(clips)
             for i in range(3):

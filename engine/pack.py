@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from engine import freeze_long_lived
 from engine.backends import select_backend
 from engine.detection import FaceDetector
 from engine.face_model import FaceModel
@@ -29,6 +30,7 @@ class Pack:
         self._refiner = None
         self._device_refiners: dict = {}
         self._lock = threading.Lock()
+        freeze_long_lived()  # the loaded networks and torch: out of the collector's full passes
 
     def tracker(self, config: TrackerConfig | None = None, camera=None, masks: str = "landmarks",
                 profile=None) -> Tracker:

@@ -27,6 +27,9 @@ def _serve(conn) -> None:
     except Exception as exc:  # RenderError or a missing asset: report it to the parent, then stop
         conn.send(("error", f"{exc.__class__.__name__}: {exc}"))
         return
+    from engine import freeze_long_lived
+
+    freeze_long_lived()  # no full-collection stalls of the returned video
     conn.send((_READY, renderer.gl_renderer))
     while True:
         try:

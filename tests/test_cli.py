@@ -105,7 +105,8 @@ def test_bench_json_last_line(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["fps"] > 0 and out["backend"] and out["machine"]
     for stage in ("decode", "detect", "landmarks", "regress", "total"):
-        assert {"median_ms", "p95_ms"} <= set(out["stages"][stage]), stage
+        assert {"median_ms", "p95_ms", "max_ms"} <= set(out["stages"][stage]), stage
+        assert out["stages"][stage]["max_ms"] >= out["stages"][stage]["p95_ms"]
 
 
 def test_assets_check_lists_required_assets():

@@ -164,3 +164,11 @@ def test_batched_redetection_runs_beside_the_frame(pack):
     assert on_path == [0]  # only the first frame (no track yet) waits for the detector
     assert answered == [5, 9]  # asked on frames 4 and 8 (frame 12's answer is still pending)
     assert detected == 4  # frame 0 on the path, 4, 8 and 12 beside it
+
+
+def test_loaded_pack_is_kept_out_of_full_collections(pack):
+    """torch and the networks (~200k objects) are frozen once loaded: a full garbage collection would walk them
+    all (~100 ms on the 2-core CPU, a stall of every session of the process)."""
+    import gc
+
+    assert gc.get_freeze_count() > 100_000
