@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (run as a script)
-import engine  # noqa: E402,F401 - before NumPy: one BLAS thread
-import numpy as np  # noqa: E402
-
-from engine.media import MediaSource  # noqa: E402
+from engine.media import MediaSource  # noqa: E402 - engine before NumPy: one BLAS thread
 from engine.pack import Pack  # noqa: E402
 from engine.tracker import TrackerConfig  # noqa: E402
+
+import numpy as np  # noqa: E402,I001
 
 
 class GcPauses:
