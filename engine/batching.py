@@ -3,7 +3,8 @@
 Each stage (face detection, landmarks) has one worker thread. Sessions submit items from any thread
 (`submit` -> concurrent.futures.Future, `submit_async` -> awaitable, `call` -> blocking). The worker takes
 the first waiting item, keeps collecting for at most `max_wait_ms` (or until `max_batch` items), runs the
-stage once on the whole batch and hands each session its own result.
+stage once on the whole batch and hands each session its own result. A batch that raises is run again item by
+item, so that only the items that fail get the error (one session's bad frame does not drop the others').
 
 Deadlines (time.perf_counter() seconds): the collection window closes early enough that the earliest
 deadline in the batch can still be met (window end <= deadline - recent batch run time - margin); an item whose
@@ -51,6 +52,7 @@ class StageStats:
     items: int = 0
     expired: int = 0
     withdrawn: int = 0
+    split: int = 0  # failed batches re-run item by item
     sizes: collections.Counter = field(default_factory=collections.Counter)
     run_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2048))
     wait_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8192))
@@ -59,6 +61,7 @@ class StageStats:
         run = np.asarray(self.run_ms, float)
         wait = np.asarray(self.wait_ms, float)
         return {"batches": self.batches, "items": self.items, "expired": self.expired, "withdrawn": self.withdrawn,
+                "split": self.split,
                 "mean_batch": round(self.items / self.batches, 2) if self.batches else 0.0,
                 "max_batch": max(self.sizes) if self.sizes else 0,
                 "run_ms_median": round(float(np.median(run)), 3) if run.size else None,
@@ -138,6 +141,12 @@ class StageBatcher:
             n = min(self.max_batch, len(self._queue))
             return [self._queue.popleft() for _ in range(n)]
 
+    def _run(self, live: list[_Request]) -> list:
+        results = self.fn([r.item for r in live])
+        if len(results) != len(live):
+            raise RuntimeError(f"{self.name}: stage returned {len(results)} results for {len(live)} items")
+        return results
+
     def _worker(self) -> None:
         while True:
             batch = self._collect()
@@ -159,12 +168,17 @@ class StageBatcher:
                 continue
             t0 = time.perf_counter()
             try:
-                results = self.fn([r.item for r in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"{self.name}: stage returned {len(results)} results for {len(live)} items")
-            except BaseException as exc:  # noqa: BLE001 - every waiting session gets the error
-                for r in live:
-                    r.future.set_exception(exc)
+                results = self._run(live)
+            except BaseException as exc:  # noqa: BLE001 - one session's bad item must not fail the others' frames
+                if len(live) == 1:
+                    live[0].future.set_exception(exc)
+                    continue
+                self.stats.split += 1
+                for r in live:  # each item alone: only the failing ones get the error
+                    try:
+                        r.future.set_result(self._run([r])[0])
+                    except BaseException as exc:  # noqa: BLE001
+                        r.future.set_exception(exc)
                 continue
             dt = time.perf_counter() - t0
             # a cautious estimate: jumps up at once, decays slowly

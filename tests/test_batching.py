@@ -181,6 +181,19 @@ def test_stage_errors_reach_every_caller():
         stage.close()
 
 
+def test_one_bad_item_fails_only_its_caller():
+    """A batch that raises because of one item is run again item by item: the other sessions get their results."""
+    stage = StageBatcher(lambda items: [10.0 / x for x in items], max_batch=8, max_wait_ms=20.0, name="t")
+    try:
+        futs = [stage.submit(x) for x in (1.0, 2.0, 0.0, 5.0)]
+        assert [f.result(timeout=5) for f in (futs[0], futs[1], futs[3])] == [10.0, 5.0, 2.0]
+        with pytest.raises(ZeroDivisionError):
+            futs[2].result(timeout=5)
+        assert stage.stats.split == 1 and stage.stats.summary()["split"] == 1
+    finally:
+        stage.close()
+
+
 def test_batched_sessions_track_like_unbatched_trackers(pack):
     """3 streams tracked concurrently through the scheduler give what 3 unbatched trackers give.
 
