@@ -11,7 +11,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 def freeze_long_lived() -> None:
     """Move every object alive now out of the garbage collector's sight (after collecting what is garbage): call
     once the long-lived state -- torch, the networks, the face model -- is loaded. torch alone is ~180,000 objects;
-    a full collection walks them all, ~100 ms on the 2-core EPYC, stalling every session of the process, and one
-    came every ~300 tracked frames (measured: worst frame 113 ms, 18 ms once frozen)."""
+    a full collection walks them all, ~100 ms on the 2-core EPYC, stalling every session of the process; the first
+    one after loading came while frames were tracked (`tools/bench_stalls.py`: worst frame 115-117 ms, 19-21 ms
+    once frozen)."""
     gc.collect()
     gc.freeze()

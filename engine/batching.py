@@ -141,11 +141,49 @@ class StageBatcher:
             n = min(self.max_batch, len(self._queue))
             return [self._queue.popleft() for _ in range(n)]
 
-    def _run(self, live: list[_Request]) -> list:
+    def _run(self, live: list[_Request]) -> None:
+        """Run the stage on ``live`` (futures already running) and hand out the results; raises what the stage
+        raised, with no future set."""
+        t0 = time.perf_counter()
         results = self.fn([r.item for r in live])
         if len(results) != len(live):
             raise RuntimeError(f"{self.name}: stage returned {len(results)} results for {len(live)} items")
-        return results
+        dt = time.perf_counter() - t0
+        # a cautious estimate: jumps up at once, decays slowly
+        self._run_estimate = max(dt, 0.8 * self._run_estimate + 0.2 * dt)
+        self.stats.batches += 1
+        self.stats.items += len(live)
+        self.stats.sizes[len(live)] += 1
+        self.stats.run_ms.append(1e3 * dt)
+        for r, res in zip(live, results):
+            r.future.set_result(res)
+
+    def _expire(self, r: _Request, now: float) -> bool:
+        """Fail ``r`` (its future running) if its deadline has passed."""
+        if r.deadline is None or now <= r.deadline:
+            return False
+        self.stats.expired += 1
+        r.future.set_exception(DeadlineExceeded(
+            f"{self.name}: deadline passed {1e3 * (now - r.deadline):.2f} ms before dispatch"))
+        return True
+
+    def _run_one_by_one(self, live: list[_Request], batch_error: BaseException) -> None:
+        """After a failed batch: each item alone, so that only the failing ones get an error. When the first two
+        fail as well, the failure is the stage's, not an item's: the rest get the batch's error without a run."""
+        self.stats.split += 1
+        tried = failed = 0
+        for r in live:
+            if self._expire(r, time.perf_counter()):
+                continue
+            if tried >= 2 and failed == tried:
+                r.future.set_exception(batch_error)
+                continue
+            tried += 1
+            try:
+                self._run([r])
+            except BaseException as exc:  # noqa: BLE001
+                failed += 1
+                r.future.set_exception(exc)
 
     def _worker(self) -> None:
         while True:
@@ -157,38 +195,19 @@ class StageBatcher:
             for r in batch:
                 if not r.future.set_running_or_notify_cancel():
                     continue  # withdrawn by its caller
-                if r.deadline is not None and now > r.deadline:
-                    self.stats.expired += 1
-                    r.future.set_exception(DeadlineExceeded(
-                        f"{self.name}: deadline passed {1e3 * (now - r.deadline):.2f} ms before dispatch"))
+                if self._expire(r, now):
                     continue
                 self.stats.wait_ms.append(1e3 * (now - r.t_submit))
                 live.append(r)
             if not live:
                 continue
-            t0 = time.perf_counter()
             try:
-                results = self._run(live)
+                self._run(live)
             except BaseException as exc:  # noqa: BLE001 - one session's bad item must not fail the others' frames
                 if len(live) == 1:
                     live[0].future.set_exception(exc)
-                    continue
-                self.stats.split += 1
-                for r in live:  # each item alone: only the failing ones get the error
-                    try:
-                        r.future.set_result(self._run([r])[0])
-                    except BaseException as exc:  # noqa: BLE001
-                        r.future.set_exception(exc)
-                continue
-            dt = time.perf_counter() - t0
-            # a cautious estimate: jumps up at once, decays slowly
-            self._run_estimate = max(dt, 0.8 * self._run_estimate + 0.2 * dt)
-            self.stats.batches += 1
-            self.stats.items += len(live)
-            self.stats.sizes[len(live)] += 1
-            self.stats.run_ms.append(1e3 * dt)
-            for r, res in zip(live, results):
-                r.future.set_result(res)
+                else:
+                    self._run_one_by_one(live, exc)
 
 
 # ---------------------------------------------------------------- the tracker's stages
@@ -284,7 +303,8 @@ class Session:
     def process(self, rgb: np.ndarray, frame_index: int, deadline: float | None = None, **kw):
         """Tracker.process with batched network stages. `deadline` (time.perf_counter() seconds) bounds
         each stage's queueing; when it passes first, DeadlineExceeded is raised and the frame is dropped
-        (the track's state stays as it was before the frame, except a pending detector run)."""
+        (the track's state stays as it was before the frame, except a pending detector run; the previous frame's
+        re-detection, applied at the frame's start, may have moved its region)."""
         self.deadline = deadline
         try:
             return self.tracker.process(rgb, frame_index, **kw)

@@ -50,9 +50,17 @@ class _Remote:
         while True:
             try:
                 rid, ok, value = self.conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError) as exc:
+                with self.lock:  # the network process is gone: nothing may wait for it
+                    pending, self.pending = self.pending, {}
+                for fut in pending.values():
+                    if fut.set_running_or_notify_cancel():
+                        fut.set_exception(RuntimeError(f"network process: connection closed ({exc!r})"))
                 return
-            fut = self.pending.pop(rid)
+            with self.lock:
+                fut = self.pending.pop(rid)
+            if not fut.set_running_or_notify_cancel():
+                continue  # withdrawn by its caller (a re-detection answered too late)
             if ok:
                 fut.set_result(value)
             elif value == "deadline":

@@ -79,7 +79,10 @@ class Tracker:
         self.roi: Roi | None = None
         self.previous: FitResult | None = None
         self.frames_since_detect = 0
-        self._redetect: tuple[Future, tuple[int, int]] | None = None  # a pending re-detection, its frame's (w, h)
+        pending = getattr(self, "_redetect", None)
+        if pending is not None:
+            pending[0].cancel()  # (a queued detection no frame will use)
+        self._redetect: tuple[Future, np.ndarray] | None = None  # a re-detection under way and its frame
         self.f_pose = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
         self.f_trans = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
         self.f_exp = OneEuroFilter(self.config.filter_exp_min_cutoff, self.config.filter_exp_beta)
@@ -198,7 +201,11 @@ class Tracker:
     # ------------------------------------------------------------------ helpers
     def _detect(self, rgb: np.ndarray, timings: dict) -> Roi | None:
         t0 = time.perf_counter()
-        detections = self.detector(rgb)
+        pending, self._redetect = self._redetect, None
+        if pending is not None and pending[1] is rgb:  # the face was lost on a frame sent for re-detection:
+            detections = pending[0].result()  # its answer, not a second detector run
+        else:
+            detections = self.detector(rgb)
         timings["detect"] = timings.get("detect", 0.0) + (time.perf_counter() - t0) * 1e3
         self.frames_since_detect = 0
         return self._pick_roi(detections, rgb.shape[1], rgb.shape[0]) if detections else None
@@ -209,19 +216,21 @@ class Tracker:
         submit = getattr(self.detector, "submit", None)
         if submit is None:
             return False
-        if self._redetect is None:
-            self._redetect = (submit(rgb), (rgb.shape[1], rgb.shape[0]))
+        self._redetect = (submit(rgb), rgb)
         self.frames_since_detect = 0
         return True
 
     def _apply_redetection(self, w: int, h: int, timings: dict) -> None:
-        """The previous frame's re-detection: the track moves to the detected face where the two disagree. A
-        detector that saw no face, failed or missed its deadline leaves the track alone: the landmark network's
-        presence score decides, every frame, whether the face is lost."""
+        """The previous frame's re-detection: the track moves to the detected face where the two disagree (no
+        detection centred within a quarter of the ROI's width, `_pick_roi`). A detector that saw no face, failed or
+        missed its deadline leaves the track alone: the landmark network's presence score decides, every frame,
+        whether the face is lost. An answer about a frame of another size is not waited for."""
         if self._redetect is None:
             return
-        future, size = self._redetect
-        self._redetect = None
+        (future, frame), self._redetect = self._redetect, None
+        if self.roi is None or frame.shape[:2] != (h, w):
+            future.cancel()
+            return
         t0 = time.perf_counter()
         try:
             detections = future.result(timeout=REDETECT_MAX_WAIT_S)
@@ -232,7 +241,7 @@ class Tracker:
             return
         finally:
             timings["redetect_wait"] = (time.perf_counter() - t0) * 1e3
-        if detections and self.roi is not None and size == (w, h):
+        if detections:
             self.roi = self._pick_roi(detections, w, h)
 
     def _landmarks(self, image, roi: Roi | None, timings: dict) -> tuple[np.ndarray | None, float]:

@@ -190,6 +190,49 @@ def test_one_bad_item_fails_only_its_caller():
         with pytest.raises(ZeroDivisionError):
             futs[2].result(timeout=5)
         assert stage.stats.split == 1 and stage.stats.summary()["split"] == 1
+        assert stage.stats.items == 3  # the three single runs that gave results
+    finally:
+        stage.close()
+
+
+def test_a_failing_stage_is_not_run_item_by_item():
+    """When the first two single runs fail too, the stage itself is broken: the rest fail without a run each."""
+    runs = []
+
+    def broken(items):
+        runs.append(len(items))
+        raise RuntimeError("device lost")
+
+    stage = StageBatcher(broken, max_batch=8, max_wait_ms=20.0, name="t")
+    try:
+        futs = [stage.submit(i) for i in range(6)]
+        for f in futs:
+            with pytest.raises(RuntimeError, match="device lost"):
+                f.result(timeout=5)
+        assert runs == [6, 1, 1]
+    finally:
+        stage.close()
+
+
+def test_items_past_their_deadline_are_not_run_one_by_one():
+    """Re-running a failed batch item by item checks each item's deadline first."""
+    def slow(items):
+        time.sleep(0.03)
+        return [10.0 / x for x in items]
+
+    stage = StageBatcher(slow, max_batch=8, max_wait_ms=5.0, name="t", margin_ms=0.0)
+    try:
+        deadline = time.perf_counter() + 0.2
+        futs = [stage.submit(x, deadline) for x in (0.0, 1.0, 2.0, 4.0, 5.0, 8.0, 10.0, 20.0)]
+        outcomes = []
+        for f in futs:
+            try:
+                outcomes.append(f.result(timeout=5))
+            except (ZeroDivisionError, DeadlineExceeded) as exc:
+                outcomes.append(type(exc).__name__)
+        assert outcomes[0] == "ZeroDivisionError"
+        assert "DeadlineExceeded" in outcomes and stage.stats.expired >= 1  # 30 ms per single run, 200 ms to go
+        assert outcomes[1] == 10.0
     finally:
         stage.close()
 

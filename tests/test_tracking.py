@@ -125,14 +125,14 @@ def test_redetection_verdict_moves_the_track_only_to_a_face_elsewhere(pack):
     tracker = pack.tracker(TrackerConfig(filter=False))
     assert tracker.process(rgb, 0).face
 
-    def verdict(answer, size=(w, h)):
+    def verdict(answer, frame=moved):
         start = tracker.roi
         fut: Future = Future()
         fut.set_exception(answer) if isinstance(answer, Exception) else fut.set_result(answer)
-        tracker._redetect = (fut, size)
+        tracker._redetect = (fut, frame)
         timings: dict = {}
         tracker._apply_redetection(w, h, timings)
-        assert tracker._redetect is None and "redetect_wait" in timings
+        assert tracker._redetect is None and ("redetect_wait" in timings) == (frame.shape == moved.shape)
         moved_by = tracker.roi.cx - start.cx
         tracker.roi = start
         return moved_by
@@ -143,7 +143,7 @@ def test_redetection_verdict_moves_the_track_only_to_a_face_elsewhere(pack):
     assert abs(verdict(there) - w // 3) < 0.1 * w  # the track's region holds no detected face: moved
     assert verdict([]) == 0.0  # the detector saw nothing: the landmark presence score decides
     assert verdict(RuntimeError("stage failed")) == 0.0
-    assert verdict(there, size=(w + 2, h)) == 0.0  # answered for a frame of another size: stale
+    assert verdict(there, frame=np.zeros((h, w + 2, 3), np.uint8)) == 0.0  # a frame of another size: stale
 
 
 def test_batched_redetection_runs_beside_the_frame(pack):
@@ -172,3 +172,24 @@ def test_loaded_pack_is_kept_out_of_full_collections(pack):
     import gc
 
     assert gc.get_freeze_count() > 100_000
+
+
+def test_face_lost_on_a_frame_sent_for_redetection_is_detected_once(pack):
+    """The frame that starts a re-detection loses the face: its lost-face retry takes that detection's answer
+    instead of running the detector on the same frame again."""
+    from PIL import Image
+
+    from engine.batching import BatchScheduler
+    from engine.tracker import TrackerConfig
+
+    face = [f.rgb for f in itertools.islice(MediaSource(media_path("liveportrait_d3.mp4")).frames(), 6)]
+    h, w = face[0].shape[:2]
+    empty = np.asarray(Image.fromarray(next(iter(MediaSource(media_path("no_face.mp4")).frames())).rgb).resize((w, h)))
+    seq = face[:4] + [np.ascontiguousarray(empty)] + face[4:]
+    with BatchScheduler(pack, max_wait_ms=1.0) as scheduler:
+        session = scheduler.session(TrackerConfig(detect_every=4, filter=False))
+        states = [session.process(rgb, i) for i, rgb in enumerate(seq)]
+        detected = scheduler.stats()["detect"]["items"]
+    assert [s.face for s in states] == [True] * 4 + [False, True, True]
+    assert "detect" in states[4].timings_ms  # the retry waited for the re-detection sent with that frame
+    assert detected == 3  # frame 0, frame 4 once, frame 5 (a new track)
