@@ -168,15 +168,21 @@ def test_asyncio_sessions():
 
 
 def test_stage_errors_reach_every_caller():
+    """A stage that fails on every batch: all callers get its error, and after the first two single runs fail too
+    the rest are not run one by one."""
+    runs = []
+
     def broken(items):
+        runs.append(len(items))
         raise RuntimeError("device lost")
 
-    stage = StageBatcher(broken, max_batch=4, max_wait_ms=5.0, name="t")
+    stage = StageBatcher(broken, max_batch=8, max_wait_ms=20.0, name="t")
     try:
-        futs = [stage.submit(i) for i in range(3)]
+        futs = [stage.submit(i) for i in range(6)]
         for f in futs:
             with pytest.raises(RuntimeError, match="device lost"):
                 f.result(timeout=5)
+        assert runs == [6, 1, 1]
     finally:
         stage.close()
 
@@ -191,25 +197,6 @@ def test_one_bad_item_fails_only_its_caller():
             futs[2].result(timeout=5)
         assert stage.stats.split == 1 and stage.stats.summary()["split"] == 1
         assert stage.stats.items == 3  # the three single runs that gave results
-    finally:
-        stage.close()
-
-
-def test_a_failing_stage_is_not_run_item_by_item():
-    """When the first two single runs fail too, the stage itself is broken: the rest fail without a run each."""
-    runs = []
-
-    def broken(items):
-        runs.append(len(items))
-        raise RuntimeError("device lost")
-
-    stage = StageBatcher(broken, max_batch=8, max_wait_ms=20.0, name="t")
-    try:
-        futs = [stage.submit(i) for i in range(6)]
-        for f in futs:
-            with pytest.raises(RuntimeError, match="device lost"):
-                f.result(timeout=5)
-        assert runs == [6, 1, 1]
     finally:
         stage.close()
 
