@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU engines benchmark for a lent NVIDIA machine (no network, no package registry; torch CUDA 13, cupy,
-# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (110+60+150+45+40+60 s).
+# onnxruntime, no TensorRT). Runs in under 8 minutes: every step has its own time limit (110+60+150+45+100 s).
 #   bash bench/gpu.sh            # on the GPU machine
 #   bash bench/gpu.sh --device cpu --streams 1,2   # the same steps on a CPU machine (checks the script)
 # Needs FACESTREAM_ASSETS (shared assets: ICT model, MediaPipe geometry, media) and the MediaPipe .tflite
 # files under <assets root>/mediapipe_models/ or ~/.cache/facestream/mediapipe_models/.
 # Writes to $OUT (or ./gpu_out): environment.txt, machine.txt, gpu_tests.txt, bench_gpu.json/.txt, prdl_*.txt, refine_batch.txt,
-# refine_profile.txt, refine_torch_profile.txt.
+# refine_torch_profile.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -55,19 +55,16 @@ step "batched PRDL: NumPy, CuPy, torch graph / eager (python -m engine.refine --
 timeout 45 python -m engine.refine --bench-batch 64 > "$OUT/refine_batch.txt" 2>&1
 echo "refine rc=$?" >> "$OUT/refine_batch.txt"
 tail -15 "$OUT/refine_batch.txt"
-# profile_step TITLE FILE LIMIT CHECK SCRIPT: runs python SCRIPT 64 into $OUT/FILE when the python CHECK passes
-profile_step() {
-  step "$1"
-  if python -c "$4" > /dev/null 2>&1; then
-    timeout "$3" python -u "$5" 64 > "$OUT/$2" 2>&1
-    echo "profile rc=$?" >> "$OUT/$2"
-    tail -14 "$OUT/$2"
-  else
-    echo "skipped: no CUDA device (or no CuPy)" | tee "$OUT/$2"
-  fi
-}
-profile_step "batched PRDL on CuPy, phase by phase (bench/profile_refine_cuda.py)" refine_profile.txt 40 \
-  "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" bench/profile_refine_cuda.py
-profile_step "batched PRDL in torch, CUDA graphs and kernels (bench/profile_refine_torch.py)" refine_torch_profile.txt 60 \
-  "import torch; assert torch.cuda.is_available()" bench/profile_refine_torch.py
+# the torch refinement (the refine stage on a GPU): graph replay at batch 1-64, eager, its kernels, then compiled by
+# inductor and captured (the likely route to the 2-ms bar; compiling takes a minute or two, so it runs last and a
+# time limit keeps the figures before it). The CuPy refiner's phases (71 ms for 64 faces on an H200, superseded by
+# this path) stay measurable with `python bench/profile_refine_cuda.py 64`.
+step "batched PRDL in torch: CUDA graphs, kernels, compiled (bench/profile_refine_torch.py 64 --compiled)"
+if python -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1; then
+  timeout 100 python -u bench/profile_refine_torch.py 64 --compiled > "$OUT/refine_torch_profile.txt" 2>&1
+  echo "profile rc=$?" >> "$OUT/refine_torch_profile.txt"
+  head -8 "$OUT/refine_torch_profile.txt"; tail -3 "$OUT/refine_torch_profile.txt"
+else
+  echo "skipped: no CUDA device" | tee "$OUT/refine_torch_profile.txt"
+fi
 step "done"
