@@ -71,6 +71,7 @@ class Tracker:
         if profile is not None and profile.identity_coefficients is not None:
             self.identity = np.asarray(profile.identity_coefficients, np.float64).copy()
             self.identity_samples = self.config.identity_frames  # calibrated: held from the first frame
+        self._redetect: tuple[Future, np.ndarray] | None = None  # a re-detection under way and its frame
         self.reset_track()
 
     # ------------------------------------------------------------------ state
@@ -79,10 +80,9 @@ class Tracker:
         self.roi: Roi | None = None
         self.previous: FitResult | None = None
         self.frames_since_detect = 0
-        pending = getattr(self, "_redetect", None)
-        if pending is not None:
-            pending[0].cancel()  # (a queued detection no frame will use)
-        self._redetect: tuple[Future, np.ndarray] | None = None  # a re-detection under way and its frame
+        if self._redetect is not None:
+            self._redetect[0].cancel()  # (a queued detection no frame will use)
+        self._redetect = None
         self.f_pose = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
         self.f_trans = OneEuroFilter(self.config.filter_pose_min_cutoff, self.config.filter_pose_beta)
         self.f_exp = OneEuroFilter(self.config.filter_exp_min_cutoff, self.config.filter_exp_beta)
@@ -201,8 +201,8 @@ class Tracker:
     # ------------------------------------------------------------------ helpers
     def _detect(self, rgb: np.ndarray, timings: dict) -> Roi | None:
         t0 = time.perf_counter()
-        pending, self._redetect = self._redetect, None
-        if pending is not None and pending[1] is rgb:  # the face was lost on a frame sent for re-detection:
+        pending, self._redetect = self._redetect, None  # (the previous frame's was applied at this one's start)
+        if pending is not None:  # the face was lost on the frame sent for re-detection:
             detections = pending[0].result()  # its answer, not a second detector run
         else:
             detections = self.detector(rgb)
@@ -228,7 +228,7 @@ class Tracker:
         if self._redetect is None:
             return
         (future, frame), self._redetect = self._redetect, None
-        if self.roi is None or frame.shape[:2] != (h, w):
+        if frame.shape[:2] != (h, w):
             future.cancel()
             return
         t0 = time.perf_counter()

@@ -1,8 +1,7 @@
 """The tracker's rare slow frames from its first frame on: a video played in a loop, per-frame time percentiles
 and worst frame, and the garbage collector's pauses during the run (from gc.callbacks).
 
-    FACESTREAM_ASSETS=../shared/assets python tools/bench_stalls.py ../shared/assets/media/liveportrait_d3.mp4 \
-        --frames 1500 [--prdl]
+    python tools/bench_stalls.py "$FACESTREAM_ASSETS/media/liveportrait_d3.mp4" --frames 1500 [--prdl]
 """
 from __future__ import annotations
 
